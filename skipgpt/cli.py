@@ -1,0 +1,237 @@
+"""Command line: ``skipgpt info | tune | eval | demo`` (also ``python -m skipgpt``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from . import checkpoint
+from .adapters import get_adapter
+from .config import RouterConfig, TuneConfig
+from .data import DATA_DIR_ENV, data_dir, load_source, training_sequences
+from .errors import SkipGPTError
+from .evaluate import perplexity
+from .models import DEFAULT_MODEL, load_model
+from .report import pct, ppl_rows, table
+from .surgery import branch_parameter_counts, detach_routers, load_routers, write_json
+from .tune import RESULTS_NAME, tune_routers
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help="builtin name, local HF dir, .gguf file or hub id (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _data_dir_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", help=f"directory holding the named data sets (default: ${DATA_DIR_ENV})")
+
+
+def _tune_args(p: argparse.ArgumentParser, steps: int) -> None:
+    d = TuneConfig()
+    p.add_argument("--target", type=float, default=d.target, help="target sparsity in [0, 1)")
+    p.add_argument("--target-unit", choices=["params", "modules"], default=d.target_unit)
+    p.add_argument("--steps", type=int, default=steps, help="optimizer steps")
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per process per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--alpha", type=float, default=d.alpha, help="weight of the sparsity loss")
+    p.add_argument("--loss", choices=["nll", "kl"], default=d.loss, help="next-token NLL (paper) or KL to the dense model")
+    p.add_argument("--tau-start", type=float, default=d.tau_start)
+    p.add_argument("--tau-end", type=float, default=d.tau_end)
+    p.add_argument("--router", choices=["linear", "mlp"], default=RouterConfig.router)
+    p.add_argument("--init-bias", type=float, default=RouterConfig.init_bias, help="execute-logit bias at init (0: random start)")
+    p.add_argument("--raw-input", action="store_true", help="feed routers the raw residual stream instead of its RMS-normalised form")
+    p.add_argument("--no-calibrate", action="store_true", help="keep argmax threshold 0 instead of calibrating it to the target")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (measure first on CPU)")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--save-every", type=int, default=d.save_every)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="skipgpt", description="Per-token module skipping (SkipGPT) for HF decoder LLMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="architecture, layers, routable modules and their parameter counts")
+    _model_args(p)
+
+    p = sub.add_parser("tune", help="stage 1: train routers with the base model frozen")
+    _model_args(p)
+    _data_dir_arg(p)
+    p.add_argument("--data", default=None, help="training text: c4, ptb, pydoc, a .txt/.jsonl file or hf:NAME (default: c4 if a data dir is set, else pydoc)")
+    _tune_args(p, TuneConfig.steps)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+
+    p = sub.add_parser("eval", help="perplexity, dense or routed, with sparsity statistics")
+    _model_args(p)
+    _data_dir_arg(p)
+    p.add_argument("--routers", help="router directory from 'skipgpt tune' (omit for the dense model)")
+    p.add_argument("--data", default="wikitext2", help="comma-separated: wikitext2, ptb, pydoc or file paths")
+    p.add_argument("--split", default="test")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--json", help="write results here")
+
+    p = sub.add_parser("demo", help="tune routers on the default model and compare with dense (what 'make demo' runs)")
+    _model_args(p)
+    _data_dir_arg(p)
+    _tune_args(p, 150)
+    p.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first N windows of 1024 tokens")
+    p.add_argument("--out", default="runs/demo")
+    return parser
+
+
+def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
+    model, _ = load_model(args.model, dtype=DTYPES[args.dtype], device="cpu")
+    adapter = get_adapter(model)
+    counts = branch_parameter_counts(model, adapter)
+    text = model.config.get_text_config()
+    info = {
+        "model": args.model,
+        "model_type": model.config.model_type,
+        "layers": len(adapter.decoder_layers(model)),
+        "routable_modules": len(counts),
+        "hidden_size": text.hidden_size,
+        "parameters_total": sum(p.numel() for p in model.parameters()),
+        "parameters_per_attention": int(counts[0::2].mean()),
+        "parameters_per_mlp": int(counts[1::2].mean()),
+        "attention_share_of_routable": float(counts[0::2].sum() / counts.sum()),
+    }
+    print(table(["field", "value"], list(info.items())))
+    return info
+
+
+def _tune_config(args: argparse.Namespace) -> tuple[TuneConfig, RouterConfig]:
+    tune_cfg = TuneConfig(
+        target=args.target, target_unit=args.target_unit, alpha=args.alpha, steps=args.steps, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, seq_len=args.seq_len, lr=args.lr, tau_start=args.tau_start, tau_end=args.tau_end,
+        loss=args.loss, bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
+        save_every=args.save_every, calibrate=not args.no_calibrate,
+    )
+    router_cfg = RouterConfig(router=args.router, init_bias=args.init_bias, input_norm=not args.raw_input)
+    return tune_cfg, router_cfg
+
+
+def _default_train_data(args: argparse.Namespace) -> str:
+    return args.data or ("c4" if data_dir(args.data_dir) else "pydoc")
+
+
+def run_tune(args: argparse.Namespace, data: str) -> dict[str, Any]:
+    """Validate everything first, so bad input never leaves a half-made output directory."""
+    tune_cfg, router_cfg = _tune_config(args)
+    out = Path(args.out)
+    if (out / RESULTS_NAME).exists():
+        raise SkipGPTError(f"{out} already holds a finished run; pick another --out or delete it")
+    if checkpoint.find(out) is not None and not args.resume:
+        raise SkipGPTError(f"{out} holds an unfinished run; add --resume to continue it, or pick another --out")
+    source = load_source(data, "train", args.data_dir)
+    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    get_adapter(model)
+    train_ids, calib_ids = training_sequences(tokenizer, source.documents, tune_cfg.seq_len, tune_cfg.calib_sequences, tune_cfg.calib_seq_len)
+    print(f"skipgpt: tuning routers on {source.description}: {train_ids.shape[0]} sequences of {tune_cfg.seq_len} tokens"
+          f"{'' if calib_ids is None else f', {calib_ids.numel()} held-out tokens for calibration'}", file=sys.stderr)
+    created = not out.exists()
+    try:
+        return tune_routers(
+            model, train_ids, tune_cfg, out, router_config=router_cfg, calib_ids=calib_ids, resume=args.resume,
+            meta={"model": args.model, "data": source.description},
+        )
+    except BaseException:
+        if created and checkpoint.find(out) is None:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def cmd_tune(args: argparse.Namespace) -> dict[str, Any]:
+    results = run_tune(args, _default_train_data(args))
+    cal = results["calibration"] or {}
+    print(table(["field", "value"], [
+        ("routers", args.out), ("tokens trained", results["tokens_trained"]), ("wall time", f"{results['wall_s']:.0f} s"),
+        ("argmax ratio before calibration", pct(cal.get("ratio_before"))), ("after calibration", pct(cal.get("ratio_after"))),
+    ]))
+    return results
+
+
+def _evaluate(model, tokenizer, specs: Sequence[str], *, split: str, data_dir_arg: str | None, seq_len: int,
+              batch_size: int, max_windows: int | None, label: str) -> list[tuple[str, dict[str, Any]]]:
+    rows = []
+    for spec in specs:
+        source = load_source(spec, split, data_dir_arg)
+        r = perplexity(model, tokenizer, source.text(), seq_len=seq_len, batch_size=batch_size,
+                       max_windows=max_windows, desc=f"{label} {spec}")
+        rows.append((f"{label} / {spec}", {**r, "data": source.description}))
+    return rows
+
+
+def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    specs = [s for s in args.data.split(",") if s]
+    for spec in specs:  # fail on bad data before spending time on the model
+        load_source(spec, args.split, args.data_dir)
+    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    if args.routers:
+        load_routers(model, args.routers)
+    label = "routed" if args.routers else "dense"
+    rows = _evaluate(model, tokenizer, specs, split=args.split, data_dir_arg=args.data_dir, seq_len=args.seq_len,
+                     batch_size=args.batch_size, max_windows=args.max_windows, label=label)
+    print(ppl_rows(rows))
+    results = {"model": args.model, "routers": args.routers, "results": {spec: r for spec, (_, r) in zip(specs, rows)}}
+    if args.json:
+        write_json(Path(args.json), results)
+    return results
+
+
+def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
+    """Tune on the default model, then dense vs routed perplexity on held-out text."""
+    start = time.perf_counter()
+    has_data = data_dir(args.data_dir) is not None
+    train, evals = ("c4", ["wikitext2"]) if has_data else ("pydoc", ["pydoc"])
+    out = Path(args.out)
+    if (out / RESULTS_NAME).exists():  # a finished demo starts over; an interrupted one resumes
+        shutil.rmtree(out)
+    args.resume = checkpoint.find(out) is not None
+    tuned = run_tune(args, train)
+    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    evaluate = lambda label: _evaluate(  # noqa: E731
+        model, tokenizer, evals, split="test", data_dir_arg=args.data_dir, seq_len=1024, batch_size=1,
+        max_windows=args.eval_windows, label=label)
+    rows = evaluate("dense")
+    load_routers(model, out)
+    rows += evaluate("SkipGPT-RT")
+    detach_routers(model)
+    print()
+    print(f"Model: {args.model}   trained on: {tuned['data']}   evaluated on: {', '.join(r['data'] for _, r in rows[: len(evals)])}")
+    print(f"Router tuning: {tuned['tokens_trained']:,} tokens, {tuned['wall_s']:.0f} s; target {pct(args.target)} ({args.target_unit}); "
+          f"argmax ratio on held-out training text {pct((tuned['calibration'] or {}).get('ratio_before'))} before threshold calibration, "
+          f"{pct((tuned['calibration'] or {}).get('ratio_after'))} after")
+    print(ppl_rows(rows))
+    summary = {"tune": tuned, "eval": {label: r for label, r in rows}, "total_wall_s": time.perf_counter() - start}
+    write_json(out / "demo.json", summary)
+    (out / "demo.md").write_text(ppl_rows(rows) + "\n")
+    print(f"\nresults: {out / 'demo.json'}, {out / 'demo.md'}; total {summary['total_wall_s']:.0f} s")
+    return summary
+
+
+COMMANDS = {"info": cmd_info, "tune": cmd_tune, "eval": cmd_eval, "demo": cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except SkipGPTError as err:
+        print(f"skipgpt: error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,103 @@
+"""Dataclass configs: what a router set *is* (saved with it) and how stage 1 trains it.
+
+Both are plain dataclasses so they round-trip through JSON unchanged: a router directory
+records the exact recipe that produced it, which is what makes results reproducible.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+from .errors import SkipGPTError
+
+RouterKind = Literal["linear", "mlp"]
+Config = TypeVar("Config", bound="JsonConfig")
+TargetUnit = Literal["params", "modules"]
+
+
+class JsonConfig:
+    """JSON round trip for dataclass configs; unknown keys from newer versions are ignored."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: type[Config], data: dict[str, Any]) -> Config:
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class RouterConfig(JsonConfig):
+    """Architecture of the routers and how their logits become decisions.
+
+    ``input_norm`` and ``init_bias`` default to the small-budget winners measured on
+    SmolLM2 (see docs/small-budget.md): the raw residual stream's scale varies by orders of
+    magnitude across layers, so a parameter-free RMS normalisation lets one learning rate
+    suit every router, and an execute bias starts tuning from the dense model rather than
+    from a random half-pruned one.
+    """
+
+    router: RouterKind = "linear"
+    input_norm: bool = True
+    init_bias: float = 3.0
+    # Inference decision: execute iff logit_execute - logit_skip > threshold. Argmax is 0;
+    # calibration moves it so that argmax routing delivers the ratio that was asked for.
+    threshold: float = 0.0
+    # Filled in by attach_routers; used to refuse loading onto a different base model.
+    model_type: str = ""
+    hidden_size: int = 0
+    num_layers: int = 0
+    base_model: str = ""
+
+    def __post_init__(self) -> None:
+        if self.router not in ("linear", "mlp"):
+            raise SkipGPTError(f"router must be 'linear' or 'mlp', got {self.router!r}")
+
+
+def check_target(target: float) -> float:
+    """Sparsity targets live in [0, 1): skipping everything is not a model any more."""
+    if not 0.0 <= target < 1.0:
+        raise SkipGPTError(
+            f"target sparsity must be in [0, 1), got {target}; e.g. --target 0.25 skips a quarter"
+        )
+    return target
+
+
+@dataclass
+class TuneConfig(JsonConfig):
+    """Stage-1 router tuning. Defaults follow the paper except the budget, which is CPU-sized."""
+
+    target: float = 0.25
+    target_unit: TargetUnit = "params"
+    alpha: float = 8.0
+    steps: int = 200
+    batch_size: int = 4
+    grad_accum: int = 1
+    seq_len: int = 256
+    lr: float = 2e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    tau_start: float = 5.0
+    tau_end: float = 1.0
+    loss: Literal["nll", "kl"] = "nll"
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    save_every: int = 50
+    calibrate: bool = True
+    calib_sequences: int = 4
+    calib_seq_len: int = 1024
+
+    def __post_init__(self) -> None:
+        check_target(self.target)
+        if self.target_unit not in ("params", "modules"):
+            raise SkipGPTError(f"target unit must be 'params' or 'modules', got {self.target_unit!r}")
+        if self.loss not in ("nll", "kl"):
+            raise SkipGPTError(f"loss must be 'nll' or 'kl', got {self.loss!r}")
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "save_every"):
+            if getattr(self, name) < 1:
+                raise SkipGPTError(f"{name} must be at least 1, got {getattr(self, name)}")
+        self.betas = tuple(self.betas)  # JSON gives a list back

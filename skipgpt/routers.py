@@ -1,0 +1,62 @@
+"""The per-module router and the three ways its logits become an execute gate.
+
+Logit 0 is *skip*, logit 1 is *execute* (as in the paper). Routers always compute in
+float32: they are tiny, and a bf16 logit margin is too coarse for a decision threshold.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import RouterConfig
+
+GateMode = Literal["gumbel", "argmax", "dense", "fixed"]
+GATE_MODES: tuple[str, ...] = ("gumbel", "argmax", "dense", "fixed")
+
+
+class Router(nn.Module):
+    """``W x -> (skip, execute)`` logits; ``mlp`` is the reference code's d -> d/4 -> 2 variant."""
+
+    def __init__(self, hidden_size: int, config: RouterConfig):
+        super().__init__()
+        self.input_norm = config.input_norm
+        if config.router == "linear":
+            self.net: nn.Module = nn.Linear(hidden_size, 2)
+            last = self.net
+        else:
+            self.net = nn.Sequential(
+                nn.Linear(hidden_size, hidden_size // 4), nn.ReLU(), nn.Linear(hidden_size // 4, 2)
+            )
+            last = self.net[-1]
+        with torch.no_grad():
+            last.bias.copy_(torch.tensor([0.0, config.init_bias]))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        x = hidden.float()
+        if self.input_norm:
+            # Parameter-free RMS norm: the residual stream's scale grows by orders of
+            # magnitude with depth, which would otherwise need one learning rate per layer.
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.net(x)
+
+
+def margin(logits: torch.Tensor) -> torch.Tensor:
+    """How strongly a router prefers executing; argmax executes where margin > threshold."""
+    return logits[..., 1] - logits[..., 0]
+
+
+def execute_gate(logits: torch.Tensor, mode: GateMode, tau: float, threshold: float) -> torch.Tensor:
+    """Execute gate in {0, 1} with shape ``logits.shape[:-1]``.
+
+    ``gumbel``: hard one-hot forward, soft Gumbel-softmax gradient backward (straight-through).
+    ``argmax``: deterministic inference decision, no gradient.
+    """
+    if mode == "gumbel":
+        return F.gumbel_softmax(logits, tau=tau, hard=True)[..., 1]
+    if mode == "argmax":
+        return (margin(logits) > threshold).to(logits.dtype)
+    raise ValueError(f"execute_gate does not handle mode {mode!r}")

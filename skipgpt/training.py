@@ -1,0 +1,148 @@
+"""The training loop shared by every stage: data order, accumulation, logging, checkpoints.
+
+A stage supplies the trainable parameters, a loss function and a per-step hook; this module
+makes the run data-parallel under ``accelerate launch``, resumable to the same result as an
+uninterrupted run, and observable (progress bar with ETA, JSONL log).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from . import checkpoint
+from .errors import SkipGPTError
+
+LOG_NAME = "train_log.jsonl"
+
+
+def batch_indices(step: int, micro: int, *, n: int, batch_size: int, grad_accum: int, rank: int, world: int, seed: int) -> torch.Tensor:
+    """Sequence indices of one process's micro-batch: a fixed function of the step, so a
+    resumed run reads exactly what the uninterrupted run would have read."""
+    global_batch = batch_size * world
+    first = ((step * grad_accum + micro) * global_batch) + rank * batch_size
+    positions = torch.arange(first, first + batch_size)
+    out = torch.empty(batch_size, dtype=torch.long)
+    for epoch in positions.div(n, rounding_mode="floor").unique().tolist():
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        sel = positions.div(n, rounding_mode="floor") == epoch
+        out[sel] = order[positions[sel] % n]
+    return out
+
+
+@dataclass
+class LoopSpec:
+    steps: int
+    batch_size: int
+    grad_accum: int
+    seed: int
+    save_every: int
+    fingerprint: dict[str, Any]  # everything that must match for a resume to be valid
+
+
+StepLoss = Callable[[torch.nn.Module, torch.Tensor, int], tuple[torch.Tensor, dict[str, float]]]
+
+
+def run_loop(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    params: list[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    data: torch.Tensor,
+    spec: LoopSpec,
+    step_loss: StepLoss,
+    out_dir: Path,
+    *,
+    resume: bool,
+    weights: Callable[[], dict[str, torch.Tensor]],
+    load_weights: Callable[[dict[str, torch.Tensor]], None],
+    desc: str,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train for ``spec.steps`` optimizer steps; returns the last logged metrics.
+
+    ``step_loss(model, batch, step)`` returns the loss of one micro-batch and metrics to log.
+    """
+    rank, world = accelerator.process_index, accelerator.num_processes
+    log_path = out_dir / LOG_NAME
+    start_step, elapsed_before = 0, 0.0
+    found = checkpoint.find(out_dir)
+    if found is not None and not resume:
+        raise SkipGPTError(f"{out_dir} holds an unfinished run; add --resume to continue it, or pick another --out")
+    if found is not None:
+        saved = checkpoint.load(found, rank)
+        if saved["trainer_state"]["fingerprint"] != json.loads(json.dumps(spec.fingerprint)):
+            raise SkipGPTError(
+                f"the checkpoint in {out_dir} was made with different settings; resume with the same "
+                "options (see its trainer_state.json) or pick another --out"
+            )
+        load_weights(saved["weights"])
+        optimizer.load_state_dict(saved["optim"]["optimizer"])
+        scheduler.load_state_dict(saved["optim"]["scheduler"])
+        checkpoint.set_rng_state(saved["rng"])
+        start_step = saved["trainer_state"]["step"]
+        elapsed_before = saved["trainer_state"]["elapsed_s"]
+        if accelerator.is_main_process and log_path.exists():
+            # Drop log lines past the checkpoint: they will be produced again.
+            lines = [l for l in log_path.read_text().splitlines() if l and json.loads(l)["step"] < start_step]
+            log_path.write_text("".join(l + "\n" for l in lines))
+    elif accelerator.is_main_process:
+        log_path.unlink(missing_ok=True)
+
+    def save(step: int, elapsed: float) -> None:
+        checkpoint.write_rank_state(out_dir, rank)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            state = {"step": step, "elapsed_s": elapsed, "fingerprint": spec.fingerprint}
+            checkpoint.write_main_state(out_dir, weights(), optimizer, scheduler, state)
+            checkpoint.commit(out_dir)
+        accelerator.wait_for_everyone()
+
+    n = data.shape[0]
+    bar = tqdm(total=spec.steps, initial=start_step, desc=desc, disable=not (progress and accelerator.is_main_process), unit="step")
+    metrics: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    for step in range(start_step, spec.steps):
+        sums: dict[str, float] = {}
+        for micro in range(spec.grad_accum):
+            idx = batch_indices(step, micro, n=n, batch_size=spec.batch_size, grad_accum=spec.grad_accum, rank=rank, world=world, seed=spec.seed)
+            batch = data[idx].to(accelerator.device)
+            sync = contextlib.nullcontext() if micro == spec.grad_accum - 1 else accelerator.no_sync(model)
+            with sync, accelerator.autocast():
+                loss, parts = step_loss(model, batch, step)
+                accelerator.backward(loss / spec.grad_accum)
+            for k, v in {"loss": float(loss.detach()), **parts}.items():
+                sums[k] = sums.get(k, 0.0) + v / spec.grad_accum
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        reduced = accelerator.reduce(torch.tensor(list(sums.values()), device=accelerator.device), "mean")
+        elapsed = elapsed_before + time.perf_counter() - t0
+        metrics = {
+            "step": step,
+            **dict(zip(sums, reduced.tolist())),
+            "lr": scheduler.get_last_lr()[0],
+            "tokens": (step + 1) * spec.grad_accum * spec.batch_size * world * data.shape[1],
+            "elapsed_s": round(elapsed, 2),
+        }
+        if not all(math.isfinite(v) for v in reduced.tolist()):
+            raise SkipGPTError(f"loss became non-finite at step {step}; lower the learning rate")
+        if accelerator.is_main_process:
+            with log_path.open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", "sparsity", "tau") if k in metrics})
+        bar.update(1)
+        if (step + 1) % spec.save_every == 0 or step + 1 == spec.steps:
+            save(step + 1, elapsed)
+    bar.close()
+    return metrics

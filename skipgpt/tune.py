@@ -1,0 +1,143 @@
+"""Stage 1, router tuning: the base model frozen, only routers learn.
+
+Loss = LM loss + α·|T − r| with r the global sparsity of the hard Gumbel gates in the unit the
+user chose (METHOD.md). The LM loss is next-token NLL (paper) or, with ``loss="kl"``, the KL
+divergence to the frozen dense model's own next-token distribution, which gives every token a
+full target for one extra no-grad forward.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+from . import checkpoint
+from .calibrate import achieved_ratio, calibrate_threshold
+from .config import RouterConfig, TuneConfig
+from .surgery import (
+    attach_routers,
+    gate_mode,
+    has_routers,
+    load_routers_state_dict,
+    router_parameters,
+    routers_state_dict,
+    routing_state,
+    save_routers,
+    set_gate_mode,
+    write_json,
+)
+from .training import LoopSpec, run_loop
+
+RESULTS_NAME = "results.json"
+
+
+def tau_at(step: int, steps: int, start: float, end: float) -> float:
+    """Linear annealing over optimizer steps: ``start`` at the first step, ``end`` at the last."""
+    return start + (end - start) * step / max(steps - 1, 1)
+
+
+def kl_to_dense(model: torch.nn.Module, batch: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(dense ‖ routed): zero exactly when the routed model is dense."""
+    with torch.no_grad(), gate_mode(model, "dense"):
+        teacher = model(input_ids=batch, use_cache=False).logits.float()
+    log_p = F.log_softmax(teacher, -1)
+    log_q = F.log_softmax(student_logits.float(), -1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
+def routed_loss(model: torch.nn.Module, batch: torch.Tensor, cfg: TuneConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss of one micro-batch under the current gate mode, with its parts for the log."""
+    out = model(input_ids=batch, labels=batch if cfg.loss == "nll" else None, use_cache=False)
+    lm = out.loss if cfg.loss == "nll" else kl_to_dense(model, batch, out.logits)
+    stats = routing_state(model).last_stats()
+    sparsity = stats.value(cfg.target_unit)
+    penalty = cfg.alpha * (cfg.target - sparsity).abs()
+    logged = {"lm_loss": lm, "sparsity_loss": penalty, "sparsity": sparsity, "module_sparsity": stats.module,
+              "param_ratio": stats.params, "attn_sparsity": stats.attn, "mlp_sparsity": stats.mlp}
+    parts = {k: float(v.detach()) for k, v in logged.items()}
+    return lm + penalty, parts
+
+
+def tune_routers(
+    model: torch.nn.Module,
+    train_ids: torch.Tensor,
+    cfg: TuneConfig,
+    out_dir: str | Path,
+    *,
+    router_config: RouterConfig | None = None,
+    calib_ids: torch.Tensor | None = None,
+    resume: bool = False,
+    meta: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train routers on ``train_ids`` [N, seq_len]; write routers, log and results to ``out_dir``.
+
+    ``calib_ids`` (held-out training text) is used after training to calibrate the decision
+    threshold so that argmax routing delivers the target (``cfg.calibrate``).
+    """
+    out = Path(out_dir)
+    accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
+    torch.manual_seed(cfg.seed + accelerator.process_index)  # Gumbel noise differs per process
+    if not has_routers(model):
+        attach_routers(model, router_config)
+    model.requires_grad_(False)
+    params = router_parameters(model)
+    for p in params:
+        p.requires_grad_(True)
+    model.train()  # dropout is 0 in every supported config
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # constant, as the paper
+    ddp_model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    state = routing_state(model)
+    state.checkpointing = cfg.gradient_checkpointing
+    fingerprint = {"tune": cfg.to_dict(), "router": {**state.config.to_dict(), "threshold": 0.0}, "data_shape": list(train_ids.shape)}
+
+    def step_loss(m: torch.nn.Module, batch: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        tau = tau_at(step, cfg.steps, cfg.tau_start, cfg.tau_end)
+        set_gate_mode(model, "gumbel", tau=tau)
+        loss, parts = routed_loss(m, batch, cfg)
+        return loss, {**parts, "tau": tau}
+
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    last = run_loop(
+        accelerator, ddp_model, params, optimizer, scheduler, train_ids,
+        LoopSpec(cfg.steps, cfg.batch_size, cfg.grad_accum, cfg.seed, cfg.save_every, fingerprint),
+        step_loss, out, resume=resume,
+        weights=lambda: routers_state_dict(model),
+        load_weights=lambda w: load_routers_state_dict(model, w),
+        desc="router tuning", progress=progress,
+    )
+    model.eval()
+    state.checkpointing = False
+    set_gate_mode(model, "argmax")
+    calibration: dict[str, Any] | None = None
+    if accelerator.is_main_process and calib_ids is not None:
+        if cfg.calibrate:
+            calibration = calibrate_threshold(model, calib_ids, cfg.target, cfg.target_unit)
+        else:
+            ratio = achieved_ratio(model, calib_ids, cfg.target_unit)
+            calibration = {"ratio_before": ratio, "ratio_after": ratio, "threshold": state.config.threshold}
+    results = {
+        "stage": "router-tuning",
+        "tune": cfg.to_dict(),
+        "router": state.config.to_dict(),
+        "tokens_trained": last.get("tokens", 0),
+        "world_size": accelerator.num_processes,
+        "wall_s": round(last.get("elapsed_s", 0.0), 1),
+        "this_session_s": round(time.perf_counter() - start, 1),
+        "last_step": last,
+        "calibration": calibration,
+        **(meta or {}),
+    }
+    if accelerator.is_main_process:
+        save_routers(model, out, extra={"training": cfg.to_dict(), **(meta or {})})
+        write_json(out / RESULTS_NAME, results)
+        checkpoint.remove(out)
+    accelerator.wait_for_everyone()
+    return results

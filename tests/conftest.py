@@ -1,0 +1,93 @@
+"""Tiny randomly initialised models of every supported architecture, built from a config."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+# Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the thread pool's
+# spin-waiting makes every op many times slower than running it on one thread.
+torch.set_num_threads(1)
+
+TINY = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=256,
+)
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"]
+
+
+def tiny_model(model_type: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    extra = {"sliding_window": 16} if model_type in ("gemma2", "gemma3_text", "mistral") else {}
+    config = AutoConfig.for_model(model_type, **{**TINY, **extra, **overrides})
+    config._name_or_path = f"tiny-{model_type}"
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    return model.eval()
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request) -> str:
+    return request.param
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers shared by the test modules (import them with ``from conftest import ...``).
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def random_ids(n: int, seq_len: int, seed: int = 0, vocab: int = TINY["vocab_size"]) -> torch.Tensor:
+    """Random token ids [n, seq_len] from their own generator (the global RNG is left alone)."""
+    return torch.randint(0, vocab, (n, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+class CharTokenizer:
+    """The smallest tokenizer the package needs: one id per character, folded into the tiny vocab."""
+
+    eos_token_id = 1
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        assert add_special_tokens is False, "skipgpt must never ask for special tokens"
+        return {"input_ids": [ord(c) % TINY["vocab_size"] for c in text]}
+
+
+class WordIdTokenizer:
+    """Words ``t<k>`` become id k: every token of a test corpus is unique, so which tokens went
+    where (training, calibration) can be checked by set operations."""
+
+    eos_token_id = None
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": [int(w[1:]) for w in text.split()]}
+
+
+def shared_data_dir() -> Path | None:
+    """The project's shared data directory ($SKIPGPT_DATA_DIR, else ../shared/data), if present."""
+    value = os.environ.get("SKIPGPT_DATA_DIR")
+    path = Path(value) if value else REPO.parent / "shared" / "data"
+    return path if path.is_dir() else None
+
+
+def base_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every base-model parameter (everything that is not a router)."""
+    return {k: v.detach().clone() for k, v in model.named_parameters() if "skip_routers" not in k}
+
+
+def router_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters() if "skip_routers" in k}
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    changed = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not changed, f"tensors differ: {changed[:5]}"

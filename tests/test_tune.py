@@ -1,0 +1,351 @@
+"""Stage 1, router tuning: only routers learn, the target is met, runs resume exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import skipgpt.tune
+from conftest import assert_same_tensors, base_parameters, random_ids, router_tensors, tiny_model
+from skipgpt import (
+    RouterConfig,
+    SkipGPTError,
+    TuneConfig,
+    attach_routers,
+    load_routers,
+    router_parameters,
+    routing_state,
+    set_gate_mode,
+)
+from skipgpt.calibrate import achieved_ratio, calibrate_threshold
+from skipgpt.tune import kl_to_dense, routed_loss, tau_at, tune_routers
+
+SMALL = dict(target=0.3, steps=4, batch_size=2, seq_len=16, lr=1e-2, save_every=100)
+
+
+def run(out: Path, model=None, *, data_seed: int = 0, calib: bool = False, resume: bool = False,
+        router_config: RouterConfig | None = None, **overrides):
+    """tune_routers on a tiny llama (or ``model``) with random token data."""
+    cfg = TuneConfig(**{**SMALL, **overrides})
+    model = tiny_model("llama") if model is None else model
+    ids = random_ids(32, cfg.seq_len, seed=data_seed)
+    calib_ids = random_ids(2, 32, seed=data_seed + 1000) if calib else None
+    results = tune_routers(
+        model, ids, cfg, out, router_config=router_config, calib_ids=calib_ids, resume=resume, progress=False
+    )
+    return model, results
+
+
+def read_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+# ---- what training changes --------------------------------------------------------------------
+
+
+def test_tuning_changes_only_routers(arch, tmp_path):
+    model = attach_routers(tiny_model(arch))
+    base, routers = base_parameters(model), router_tensors(model)
+    run(tmp_path, model)
+    assert_same_tensors(base_parameters(model), base)
+    after = router_tensors(model)
+    assert all(not torch.equal(after[k], routers[k]) for k in routers)  # every router learned
+    assert all(p.grad is None for n, p in model.named_parameters() if "skip_routers" not in n)
+
+
+def test_kl_training_never_changes_the_base_model(tmp_path):
+    model = attach_routers(tiny_model("llama"))
+    base, routers = base_parameters(model), router_tensors(model)
+    _, results = run(tmp_path, model, loss="kl")
+    assert_same_tensors(base_parameters(model), base)
+    assert router_tensors(model).keys() == routers.keys()
+    assert any(not torch.equal(v, routers[k]) for k, v in router_tensors(model).items())
+    assert results["last_step"]["lm_loss"] >= 0.0  # a KL divergence
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_training_sparsity_reaches_target(tmp_path, seed):
+    """From the executing init (~5 % skipped) to the 30 % parameter-ratio target in 60 steps."""
+    _, results = run(
+        tmp_path, tiny_model("llama", seed=seed), data_seed=seed, seed=seed, router_config=RouterConfig(init_bias=3.0),
+        target=0.3, target_unit="params", lr=1e-2, steps=60, batch_size=16, grad_accum=2, seq_len=64,
+    )
+    log = read_log(tmp_path)
+    assert log[0]["sparsity"] < 0.15  # it really had to move
+    assert results["last_step"] == log[-1]
+    assert abs(log[-1]["sparsity"] - 0.3) <= 0.03
+    assert log[-1]["sparsity"] == pytest.approx(log[-1]["param_ratio"])
+
+
+def test_module_unit_trains_module_sparsity(tmp_path):
+    _, results = run(tmp_path, target_unit="modules", steps=3)
+    last = results["last_step"]
+    assert last["sparsity"] == pytest.approx(last["module_sparsity"])
+    assert last["sparsity_loss"] == pytest.approx(8.0 * abs(0.3 - last["module_sparsity"]), rel=1e-5)
+
+
+# ---- outputs ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished")
+    model, results = run(out, calib=True, steps=6, grad_accum=2, save_every=2)
+    return out, model, results
+
+
+def test_finished_run_writes_routers_log_and_results(finished):
+    out, _, results = finished
+    assert sorted(p.name for p in out.iterdir()) == [
+        "results.json", "router_config.json", "routers.safetensors", "train_log.jsonl",
+    ]  # no checkpoint left behind once finished
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
+    assert results["tokens_trained"] == 6 * 2 * 2 * 16  # steps x grad_accum x batch x seq_len
+    assert results["world_size"] == 1
+    assert results["tune"] == TuneConfig(**{**SMALL, "steps": 6, "grad_accum": 2, "save_every": 2}).to_dict()
+    assert set(results["calibration"]) >= {"threshold", "ratio_before", "ratio_after", "calibration_tokens"}
+    assert results["calibration"]["calibration_tokens"] == 2 * 32
+
+
+def test_router_config_records_training_recipe_and_calibrated_threshold(finished):
+    out, model, results = finished
+    saved = json.loads((out / "router_config.json").read_text())
+    assert saved["training"] == json.loads(json.dumps(results["tune"]))
+    assert saved["router"]["threshold"] == results["calibration"]["threshold"]
+    assert saved["router"]["threshold"] == routing_state(model).config.threshold
+
+
+def test_log_has_one_line_per_step_with_annealed_tau(finished):
+    out, _, _ = finished
+    log = read_log(out)
+    assert [line["step"] for line in log] == list(range(6))
+    assert [line["tau"] for line in log] == pytest.approx([tau_at(s, 6, 5.0, 1.0) for s in range(6)])
+    assert [line["tokens"] for line in log] == [64 * (s + 1) for s in range(6)]
+    assert all(line["loss"] == pytest.approx(line["lm_loss"] + line["sparsity_loss"], rel=1e-5) for line in log)
+
+
+def test_finished_model_is_in_inference_state_and_reloads(finished):
+    out, model, _ = finished
+    state = routing_state(model)
+    assert state.mode == "argmax" and not model.training
+    ids = random_ids(2, 16, seed=9)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        reloaded = load_routers(tiny_model("llama"), out)
+        assert torch.equal(reloaded(input_ids=ids).logits, expected)
+
+
+# ---- threshold calibration --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", [0.15, 0.7])
+@pytest.mark.parametrize("unit", ["params", "modules"])
+def test_calibration_hits_the_requested_ratio(unit, target):
+    model = attach_routers(tiny_model("llama"), RouterConfig(init_bias=0.0))
+    calib = random_ids(4, 64, seed=5)
+    before = achieved_ratio(model, calib, unit)
+    result = calibrate_threshold(model, calib, target, unit)
+    assert result["ratio_before"] == pytest.approx(before)
+    assert abs(result["ratio_after"] - target) <= 0.01
+    assert routing_state(model).config.threshold == result["threshold"]
+    assert achieved_ratio(model, calib, unit) == pytest.approx(result["ratio_after"])
+    assert (result["threshold"] > 0) == (target > before)  # more threshold, more skipping
+
+
+def test_calibration_restores_the_gate_mode():
+    model = attach_routers(tiny_model("llama"), RouterConfig(init_bias=0.0))
+    set_gate_mode(model, "gumbel", tau=2.0)
+    calibrate_threshold(model, random_ids(2, 32), 0.3)
+    assert (routing_state(model).mode, routing_state(model).tau) == ("gumbel", 2.0)
+
+
+# ---- losses -----------------------------------------------------------------------------------
+
+EXECUTE_ALL = {
+    "dense": lambda m: set_gate_mode(m, "dense"),
+    "fixed ones": lambda m: set_gate_mode(m, "fixed", gates=torch.ones(6)),
+}
+
+
+@pytest.mark.parametrize("case", list(EXECUTE_ALL))
+def test_kl_to_dense_is_zero_when_every_gate_executes(arch, case):
+    model = attach_routers(tiny_model(arch))
+    EXECUTE_ALL[case](model)
+    batch = random_ids(2, 16)
+    with torch.no_grad():
+        student = model(input_ids=batch).logits
+        assert abs(float(kl_to_dense(model, batch, student))) < 1e-6
+
+
+def test_kl_to_dense_is_positive_when_modules_are_skipped():
+    model = attach_routers(tiny_model("llama"))
+    batch = random_ids(2, 16)
+    kl = {}
+    for skipped in (0, 1, 6):  # a random tiny model barely changes when one module is skipped
+        set_gate_mode(model, "fixed", gates=torch.tensor([0.0] * skipped + [1.0] * (6 - skipped)))
+        with torch.no_grad():
+            kl[skipped] = float(kl_to_dense(model, batch, model(input_ids=batch).logits))
+    assert kl[0] == 0.0 < kl[1] < kl[6]
+    assert routing_state(model).mode == "fixed"  # the teacher pass does not change the mode
+
+
+@pytest.mark.parametrize("loss", ["nll", "kl"])
+def test_routed_loss_is_lm_loss_plus_alpha_times_gap(loss):
+    model = attach_routers(tiny_model("llama"), RouterConfig(init_bias=0.0))
+    set_gate_mode(model, "gumbel")
+    torch.manual_seed(0)
+    cfg = TuneConfig(target=0.6, alpha=2.0, loss=loss)
+    total, parts = routed_loss(model, random_ids(2, 16), cfg)
+    assert parts["sparsity_loss"] == pytest.approx(2.0 * abs(0.6 - parts["param_ratio"]), rel=1e-5)
+    assert float(total.detach()) == pytest.approx(parts["lm_loss"] + parts["sparsity_loss"], rel=1e-5)
+
+
+# ---- resume -----------------------------------------------------------------------------------
+
+RESUME = dict(steps=12, save_every=4, calib=True)
+
+
+class Interrupt(KeyboardInterrupt):
+    pass
+
+
+def interrupt_after(monkeypatch, calls: int) -> None:
+    """Make the (calls+1)-th micro-batch loss raise, as a Ctrl-C in the middle of a run would."""
+    real, count = skipgpt.tune.routed_loss, [0]
+
+    def flaky(*args, **kwargs):
+        count[0] += 1
+        if count[0] > calls:
+            raise Interrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(skipgpt.tune, "routed_loss", flaky)
+
+
+def test_interrupted_and_resumed_run_equals_straight_run(tmp_path, monkeypatch):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    _, results_a = run(straight, **RESUME)
+
+    interrupt_after(monkeypatch, 9)  # dies inside step 9; the last checkpoint is after step 8
+    with pytest.raises(Interrupt):
+        run(interrupted, **RESUME)
+    monkeypatch.undo()
+    assert [line["step"] for line in read_log(interrupted)] == list(range(9))
+    assert not (interrupted / "results.json").exists()
+
+    with pytest.raises(SkipGPTError, match="unfinished run"):
+        run(interrupted, **RESUME)  # without resume=True
+    with pytest.raises(SkipGPTError, match="different settings"):
+        run(interrupted, resume=True, **{**RESUME, "lr": 2e-2})
+
+    _, results_b = run(interrupted, resume=True, **RESUME)
+    assert_same_tensors(
+        load_file(str(interrupted / "routers.safetensors")), load_file(str(straight / "routers.safetensors"))
+    )
+    log_a, log_b = read_log(straight), read_log(interrupted)
+    assert [line["step"] for line in log_b] == list(range(12))
+    drop = lambda line: {k: v for k, v in line.items() if k != "elapsed_s"}  # noqa: E731
+    assert [drop(line) for line in log_b] == [drop(line) for line in log_a]
+    assert results_b["tokens_trained"] == results_a["tokens_trained"]
+    assert results_b["calibration"] == results_a["calibration"]
+
+
+def test_resume_without_checkpoint_starts_from_scratch(tmp_path):
+    _, results = run(tmp_path, resume=True)
+    assert [line["step"] for line in read_log(tmp_path)] == [0, 1, 2, 3]
+    assert results["tokens_trained"] == 4 * 2 * 16
+
+
+def test_rerun_into_finished_directory_starts_a_fresh_log(tmp_path):
+    run(tmp_path)
+    run(tmp_path)
+    assert [line["step"] for line in read_log(tmp_path)] == [0, 1, 2, 3]
+
+
+# ---- gradient checkpointing -------------------------------------------------------------------
+
+
+def checkpointing_on(model) -> bool:
+    hf = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    return hf or routing_state(model).checkpointing
+
+
+def count_gate_decisions(model) -> list[int]:
+    """Count router decisions: a checkpointed layer decides again when backward recomputes it."""
+    state, calls = routing_state(model), [0]
+    decide = state.decide
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return decide(*args, **kwargs)
+
+    state.decide = counting
+    return calls
+
+
+def router_grads(checkpointing: bool) -> list[torch.Tensor]:
+    model = attach_routers(tiny_model("llama"), RouterConfig(init_bias=0.0))
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train().requires_grad_(False)
+    for p in router_parameters(model):
+        p.requires_grad_(True)
+    set_gate_mode(model, "gumbel", tau=2.0)
+    calls = count_gate_decisions(model)
+    torch.manual_seed(0)
+    loss, _ = routed_loss(model, random_ids(2, 16), TuneConfig(target=0.3))
+    loss.backward()
+    assert checkpointing_on(model) == checkpointing
+    assert calls[0] == 6 * (2 if checkpointing else 1), "checkpointed layers must be recomputed in backward"
+    return [p.grad for p in router_parameters(model)]
+
+
+def test_gradient_checkpointing_gives_the_same_router_gradients():
+    plain, checkpointed = router_grads(False), router_grads(True)
+    assert all(g.abs().sum() > 0 for g in plain)
+    assert all(torch.equal(a, b) for a, b in zip(plain, checkpointed))
+
+
+def test_gradient_checkpointing_option_trains_the_same_routers(tmp_path):
+    runs = {}
+    for checkpointing in (False, True):
+        model = attach_routers(tiny_model("llama"))  # same router init for both runs
+        calls = count_gate_decisions(model)
+        run(tmp_path / str(checkpointing), model, gradient_checkpointing=checkpointing)
+        assert not checkpointing_on(model)  # switched off again after training
+        runs[checkpointing] = (model, calls[0])
+    assert runs[False][1] == 4 * 6  # 4 steps x 6 modules
+    assert runs[True][1] == 4 * 6 * 2, "gradient_checkpointing=True must recompute layers in backward"
+    for a, b in zip(router_parameters(runs[False][0]), router_parameters(runs[True][0])):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+# ---- config -----------------------------------------------------------------------------------
+
+BAD_CONFIGS = {
+    "target 1": (dict(target=1.0), r"target sparsity must be in \[0, 1\)"),
+    "negative target": (dict(target=-0.1), r"target sparsity must be in \[0, 1\)"),
+    "unit": (dict(target_unit="layers"), "target unit must be"),
+    "loss": (dict(loss="mse"), "loss must be"),
+    "steps": (dict(steps=0), "steps must be at least 1"),
+    "batch": (dict(batch_size=0), "batch_size must be at least 1"),
+    "save_every": (dict(save_every=0), "save_every must be at least 1"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_invalid_tune_config_raises(case):
+    kwargs, message = BAD_CONFIGS[case]
+    with pytest.raises(SkipGPTError, match=message):
+        TuneConfig(**kwargs)
+
+
+def test_configs_round_trip_through_json():
+    tune = TuneConfig(target=0.4, betas=(0.8, 0.9), loss="kl")
+    assert TuneConfig.from_dict(json.loads(json.dumps(tune.to_dict()))) == tune  # betas: list -> tuple
+    router = RouterConfig(router="mlp", threshold=0.5)
+    assert RouterConfig.from_dict({**json.loads(json.dumps(router.to_dict())), "future_field": 1}) == router
