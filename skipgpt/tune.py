@@ -41,19 +41,25 @@ def tau_at(step: int, steps: int, start: float, end: float) -> float:
     return start + (end - start) * step / max(steps - 1, 1)
 
 
-def kl_to_dense(model: torch.nn.Module, batch: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of KL(dense ‖ routed): zero exactly when the routed model is dense."""
+def dense_logits(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """The frozen dense model's logits: the distillation target."""
     with torch.no_grad(), gate_mode(model, "dense"):
-        teacher = model(input_ids=batch, use_cache=False).logits.float()
-    log_p = F.log_softmax(teacher, -1)
+        return model(input_ids=batch, use_cache=False).logits.float()
+
+
+def kl_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(teacher ‖ student): zero exactly when the routed model is dense."""
+    log_p = F.log_softmax(teacher_logits.float(), -1)
     log_q = F.log_softmax(student_logits.float(), -1)
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
 
 
 def routed_loss(model: torch.nn.Module, batch: torch.Tensor, cfg: TuneConfig) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of one micro-batch under the current gate mode, with its parts for the log."""
-    out = model(input_ids=batch, labels=batch if cfg.loss == "nll" else None, use_cache=False)
-    lm = out.loss if cfg.loss == "nll" else kl_to_dense(model, batch, out.logits)
+    # The teacher runs first: every forward overwrites the gates the sparsity loss reads.
+    teacher = dense_logits(model, batch) if cfg.loss == "kl" else None
+    out = model(input_ids=batch, labels=batch if teacher is None else None, use_cache=False)
+    lm = out.loss if teacher is None else kl_divergence(teacher, out.logits)
     stats = routing_state(model).last_stats()
     sparsity = stats.value(cfg.target_unit)
     penalty = cfg.alpha * (cfg.target - sparsity).abs()

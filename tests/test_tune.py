@@ -22,7 +22,7 @@ from skipgpt import (
     set_gate_mode,
 )
 from skipgpt.calibrate import achieved_ratio, calibrate_threshold
-from skipgpt.tune import kl_to_dense, routed_loss, tau_at, tune_routers
+from skipgpt.tune import dense_logits, kl_divergence, routed_loss, tau_at, tune_routers
 
 SMALL = dict(target=0.3, steps=4, batch_size=2, seq_len=16, lr=1e-2, save_every=100)
 
@@ -172,23 +172,23 @@ EXECUTE_ALL = {
 
 
 @pytest.mark.parametrize("case", list(EXECUTE_ALL))
-def test_kl_to_dense_is_zero_when_every_gate_executes(arch, case):
+def test_kl_to_the_dense_model_is_zero_when_every_gate_executes(arch, case):
     model = attach_routers(tiny_model(arch))
     EXECUTE_ALL[case](model)
     batch = random_ids(2, 16)
     with torch.no_grad():
         student = model(input_ids=batch).logits
-        assert abs(float(kl_to_dense(model, batch, student))) < 1e-6
+        assert abs(float(kl_divergence(dense_logits(model, batch), student))) < 1e-6
 
 
-def test_kl_to_dense_is_positive_when_modules_are_skipped():
+def test_kl_to_the_dense_model_is_positive_when_modules_are_skipped():
     model = attach_routers(tiny_model("llama"))
     batch = random_ids(2, 16)
     kl = {}
     for skipped in (0, 1, 6):  # a random tiny model barely changes when one module is skipped
         set_gate_mode(model, "fixed", gates=torch.tensor([0.0] * skipped + [1.0] * (6 - skipped)))
         with torch.no_grad():
-            kl[skipped] = float(kl_to_dense(model, batch, model(input_ids=batch).logits))
+            kl[skipped] = float(kl_divergence(dense_logits(model, batch), model(input_ids=batch).logits))
     assert kl[0] == 0.0 < kl[1] < kl[6]
     assert routing_state(model).mode == "fixed"  # the teacher pass does not change the mode
 
@@ -201,6 +201,8 @@ def test_routed_loss_is_lm_loss_plus_alpha_times_gap(loss):
     cfg = TuneConfig(target=0.6, alpha=2.0, loss=loss)
     total, parts = routed_loss(model, random_ids(2, 16), cfg)
     assert parts["sparsity_loss"] == pytest.approx(2.0 * abs(0.6 - parts["param_ratio"]), rel=1e-5)
+    # Routers start near 50 % skip: the sparsity must be the student's, not the dense teacher's.
+    assert 0.2 < parts["module_sparsity"] < 0.8
     assert float(total.detach()) == pytest.approx(parts["lm_loss"] + parts["sparsity_loss"], rel=1e-5)
 
 
