@@ -25,30 +25,53 @@ def achieved_ratio(model: torch.nn.Module, sequences: torch.Tensor, unit: str, b
 
 
 @torch.no_grad()
+def _first_guess(model: torch.nn.Module, sequences: torch.Tensor, target: float, unit: str, batch_size: int) -> tuple[float, float]:
+    """(ratio at the current threshold, threshold that would hit the target if decisions
+    were independent): one pass recording every margin, then a weighted quantile."""
+    state = routing_state(model)
+    state.margin_log = [[] for _ in range(state.num_modules)]
+    try:
+        ratio = achieved_ratio(model, sequences, unit, batch_size)
+        margins = [torch.cat(m) for m in state.margin_log]
+    finally:
+        state.margin_log = None
+    weights = state.module_params if unit == "params" else torch.ones(state.num_modules, dtype=torch.float64)
+    values = torch.cat(margins).double()
+    mass = torch.cat([torch.full((len(m),), float(w) / len(m)) for m, w in zip(margins, weights)]).double()
+    order = values.argsort()
+    cumulative = mass[order].cumsum(0) / weights.sum()
+    k = int(torch.searchsorted(cumulative, torch.tensor(target, dtype=torch.float64)).clamp(max=len(values) - 1))
+    return ratio, float(values[order][k])
+
+
+@torch.no_grad()
 def calibrate_threshold(
     model: torch.nn.Module,
     sequences: torch.Tensor,
     target: float,
     unit: str = "params",
     *,
-    tol: float = 0.002,
-    max_iters: int = 14,
+    tol: float = 0.003,
+    max_iters: int = 12,
     batch_size: int = 1,
 ) -> dict[str, float]:
     """Find the threshold whose argmax routing skips ``target`` of ``sequences``; sets it on
     the model's router config and returns the ratio before and after."""
     state = routing_state(model)
     before_threshold = state.config.threshold
-    before = achieved_ratio(model, sequences, unit, batch_size)
+    before, guess = _first_guess(model, sequences, target, unit, batch_size)
+    state.config.threshold = guess
+    ratio = achieved_ratio(model, sequences, unit, batch_size)
+    best = (abs(ratio - target), guess, ratio)
     # More threshold -> more skipping. Bracket the target by doubling steps, then bisect.
-    lo = hi = before_threshold
-    ratio, step, direction = before, 1.0, 1.0 if before < target else -1.0
-    while (ratio < target if direction > 0 else ratio > target) and step < 128:
+    lo = hi = guess
+    step, direction = 0.125, 1.0 if ratio < target else -1.0
+    while best[0] > tol and (ratio < target if direction > 0 else ratio > target) and step < 256:
         lo, hi = (hi, hi + step) if direction > 0 else (lo - step, lo)
         state.config.threshold = hi if direction > 0 else lo
         ratio = achieved_ratio(model, sequences, unit, batch_size)
+        best = min(best, (abs(ratio - target), state.config.threshold, ratio))
         step *= 2
-    best = (abs(ratio - target), state.config.threshold, ratio)
     for _ in range(max_iters):
         if best[0] <= tol:
             break
@@ -61,6 +84,7 @@ def calibrate_threshold(
     return {
         "threshold_before": before_threshold,
         "ratio_before": before,
+        "threshold_first_guess": guess,
         "threshold": best[1],
         "ratio_after": best[2],
         "calibration_tokens": int(sequences.numel()),

@@ -23,7 +23,7 @@ from torch import nn
 from .adapters import ArchAdapter, get_adapter
 from .config import RouterConfig
 from .errors import SkipGPTError
-from .routers import GATE_MODES, GateMode, Router, execute_gate
+from .routers import GATE_MODES, GateMode, Router, execute_gate, margin
 from .sparsity import SparsityMeter, SparsityStats, gate_stats
 
 CONFIG_NAME = "router_config.json"
@@ -46,6 +46,7 @@ class RoutingState:
         self.token_mask: torch.Tensor | None = None
         self.gates: list[torch.Tensor | None] = [None] * len(module_params)
         self.meter: SparsityMeter | None = None
+        self.margin_log: list[list[torch.Tensor]] | None = None  # argmax margins, for calibration
         self.hooks: list[Any] = []
 
     @property
@@ -60,7 +61,11 @@ class RoutingState:
                 raise SkipGPTError("gate mode 'fixed' needs gates: set_gate_mode(model, 'fixed', gates=...)")
             gate = self.fixed_gates[index].to(hidden.device, torch.float32).expand(hidden.shape[:-1])
         else:
-            gate = execute_gate(router(hidden), self.mode, self.tau, self.config.threshold)
+            logits = router(hidden)
+            gate = execute_gate(logits, self.mode, self.tau, self.config.threshold)
+            if self.margin_log is not None:
+                real = margin(logits) if self.token_mask is None else margin(logits)[self.token_mask]
+                self.margin_log[index].append(real.detach().flatten().cpu())
         self.gates[index] = gate
         return gate
 
