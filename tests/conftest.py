@@ -91,3 +91,30 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     assert a.keys() == b.keys()
     changed = [k for k in a if not torch.equal(a[k], b[k])]
     assert not changed, f"tensors differ: {changed[:5]}"
+
+
+WORDS = [f"w{i}" for i in range(TINY["vocab_size"] - 2)]
+
+
+def save_tiny_model_dir(path: Path, model_type: str = "llama") -> Path:
+    """A tiny model with a word-level tokenizer, saved as a normal HF directory, so the CLI
+    (which loads models by path) runs end to end with no download."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
+    tokenizer.save_pretrained(path)
+    tiny_model(model_type).save_pretrained(path)
+    return path
+
+
+def write_word_text(path: Path, words: int, seed: int = 0, lines_of: int = 40) -> Path:
+    """Text over the tiny tokenizer's vocabulary, one document per line."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, len(WORDS), (words,), generator=g).tolist()
+    lines = [" ".join(WORDS[i] for i in ids[k : k + lines_of]) for k in range(0, words, lines_of)]
+    path.write_text("\n".join(lines) + "\n")
+    return path

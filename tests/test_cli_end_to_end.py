@@ -1,0 +1,73 @@
+"""The CLI on a real (tiny) model directory: tune, resume, eval, and data-parallel tuning."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import REPO, save_tiny_model_dir, write_word_text
+from skipgpt.cli import main
+
+TUNE = ["--steps", "4", "--seq-len", "16", "--batch-size", "2", "--lr", "1e-2", "--save-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    save_tiny_model_dir(root / "model")
+    write_word_text(root / "train.txt", 8000, seed=0)
+    write_word_text(root / "test.txt", 2000, seed=1)
+    return root
+
+
+def test_tune_then_eval(workspace, tmp_path, capsys):
+    out = tmp_path / "routers"
+    assert main(["tune", "--model", str(workspace / "model"), "--data", str(workspace / "train.txt"), *TUNE, "--out", str(out)]) == 0
+    assert {p.name for p in out.iterdir()} == {"router_config.json", "routers.safetensors", "train_log.jsonl", "results.json"}
+    results = json.loads((out / "results.json").read_text())
+    assert results["tokens_trained"] == 4 * 2 * 16
+    assert results["calibration"]["calibration_tokens"] == 4 * 1024  # held out from the training text
+    saved = json.loads((out / "router_config.json").read_text())
+    assert saved["training"]["steps"] == 4 and saved["router"]["threshold"] == results["calibration"]["threshold"]
+
+    report = tmp_path / "eval.json"
+    args = ["eval", "--model", str(workspace / "model"), "--data", str(workspace / "test.txt"), "--seq-len", "32"]
+    assert main([*args, "--routers", str(out), "--json", str(report)]) == 0
+    routed = json.loads(report.read_text())["results"][str(workspace / "test.txt")]
+    assert main([*args, "--json", str(report)]) == 0
+    dense = json.loads(report.read_text())["results"][str(workspace / "test.txt")]
+    assert routed["routed"] and not dense["routed"] and dense["sparsity"] is None
+    assert routed["scored_tokens"] == dense["scored_tokens"] == routed["windows"] * 31
+    assert 0.0 < routed["sparsity"]["param_ratio"] < 1.0 and routed["ppl"] != dense["ppl"]
+    assert "| routed" in capsys.readouterr().out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_accelerate_launch_runs_the_cli_data_parallel(workspace, tmp_path):
+    """`accelerate launch --num_processes 2 -m skipgpt tune ...`, on CPU (gloo)."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()),
+        "-m", "skipgpt", "tune", "--model", str(workspace / "model"), "--data", str(workspace / "train.txt"),
+        *TUNE, "--out", str(out),
+    ]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["world_size"] == 2
+    assert results["tokens_trained"] == 4 * 2 * 2 * 16  # steps x batch x processes x seq_len
+    assert set(load_file(str(out / "routers.safetensors"))) and not (out / "checkpoint").exists()
