@@ -50,6 +50,8 @@ def _tune_args(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--tau-start", type=float, default=d.tau_start)
     p.add_argument("--tau-end", type=float, default=d.tau_end)
     p.add_argument("--router", choices=["linear", "mlp"], default=RouterConfig.router)
+    p.add_argument("--init", choices=["execute", "importance"], default=RouterConfig.init,
+                   help="start from the dense model, or from the static module cut by Block Influence")
     p.add_argument("--init-bias", type=float, default=RouterConfig.init_bias, help="execute-logit bias at init (0: random start)")
     p.add_argument("--raw-input", action="store_true", help="feed routers the raw residual stream instead of its RMS-normalised form")
     p.add_argument("--no-calibrate", action="store_true", help="keep argmax threshold 0 instead of calibrating it to the target")
@@ -121,7 +123,7 @@ def _tune_config(args: argparse.Namespace) -> tuple[TuneConfig, RouterConfig]:
         loss=args.loss, bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
         save_every=args.save_every, calibrate=not args.no_calibrate,
     )
-    router_cfg = RouterConfig(router=args.router, init_bias=args.init_bias, input_norm=not args.raw_input)
+    router_cfg = RouterConfig(router=args.router, init=args.init, init_bias=args.init_bias, input_norm=not args.raw_input)
     return tune_cfg, router_cfg
 
 

@@ -42,6 +42,10 @@ class RouterConfig(JsonConfig):
 
     router: RouterKind = "linear"
     input_norm: bool = True
+    # "execute": every router starts at +init_bias (the dense model). "importance": routers of
+    # the least important modules (Block Influence on calibration text) start at -init_bias, so
+    # argmax routing starts as the best static module cut at the target ratio.
+    init: Literal["execute", "importance"] = "execute"
     init_bias: float = 3.0
     # Inference decision: execute iff logit_execute - logit_skip > threshold. Argmax is 0;
     # calibration moves it so that argmax routing delivers the ratio that was asked for.
@@ -55,6 +59,8 @@ class RouterConfig(JsonConfig):
     def __post_init__(self) -> None:
         if self.router not in ("linear", "mlp"):
             raise SkipGPTError(f"router must be 'linear' or 'mlp', got {self.router!r}")
+        if self.init not in ("execute", "importance"):
+            raise SkipGPTError(f"router init must be 'execute' or 'importance', got {self.init!r}")
 
 
 def check_target(target: float) -> float:

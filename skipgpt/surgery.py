@@ -13,7 +13,7 @@ import os
 import tempfile
 import types
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.utils.checkpoint
@@ -47,6 +47,8 @@ class RoutingState:
         self.gates: list[torch.Tensor | None] = [None] * len(module_params)
         self.meter: SparsityMeter | None = None
         self.margin_log: list[list[torch.Tensor]] | None = None  # argmax margins, for calibration
+        # Callbacks (module index, branch input, gated branch output) for importance and analyses.
+        self.observers: list[Callable[[int, torch.Tensor, torch.Tensor], None]] = []
         self.hooks: list[Any] = []
 
     @property
@@ -101,7 +103,10 @@ def _routed_layer_body(self: nn.Module, hidden_states: torch.Tensor, **kwargs: A
         out = module(hidden_states=out, **kwargs)[0] if kind == "attn" else module(out)
         if post_norm is not None:
             out = post_norm(out)
-        hidden_states = hidden_states + gate.unsqueeze(-1).to(out.dtype) * out
+        update = gate.unsqueeze(-1).to(out.dtype) * out
+        for observe in state.observers:
+            observe(2 * self.skipgpt_index + offset, hidden_states, update)
+        hidden_states = hidden_states + update
     return hidden_states
 
 

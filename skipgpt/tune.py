@@ -19,6 +19,7 @@ from accelerate import Accelerator
 from . import checkpoint
 from .calibrate import achieved_ratio, calibrate_threshold
 from .config import RouterConfig, TuneConfig
+from .importance import seed_routers_from_importance
 from .surgery import (
     attach_routers,
     gate_mode,
@@ -91,6 +92,9 @@ def tune_routers(
     torch.manual_seed(cfg.seed + accelerator.process_index)  # Gumbel noise differs per process
     if not has_routers(model):
         attach_routers(model, router_config)
+    seeded: dict[str, Any] | None = None
+    if routing_state(model).config.init == "importance" and checkpoint.find(out) is None:
+        seeded = seed_routers_from_importance(model, calib_ids if calib_ids is not None else train_ids[:4], cfg.target, cfg.target_unit)
     model.requires_grad_(False)
     params = router_parameters(model)
     for p in params:
@@ -139,6 +143,7 @@ def tune_routers(
         "this_session_s": round(time.perf_counter() - start, 1),
         "last_step": last,
         "calibration": calibration,
+        "importance_seed": seeded,
         **(meta or {}),
     }
     if accelerator.is_main_process:

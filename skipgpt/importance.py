@@ -1,0 +1,68 @@
+"""How much each module changes the residual stream: Block Influence, per module.
+
+``BI_m = 1 − mean over tokens of cos(x, x + f_m(x))`` (ShortGPT's metric, applied to each
+attention and MLP module separately as Joint Layer Drop does). Used to seed routers so that
+tuning starts from the best static module cut instead of from the dense model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .surgery import gate_mode, routing_state
+
+
+@torch.no_grad()
+def module_importance(model: torch.nn.Module, sequences: torch.Tensor, batch_size: int = 1) -> torch.Tensor:
+    """Block Influence of every routable module [2L] on ``sequences`` with every module executing."""
+    state = routing_state(model)
+    total = torch.zeros(state.num_modules, dtype=torch.float64)
+    count = torch.zeros(state.num_modules, dtype=torch.float64)
+
+    def observe(index: int, x: torch.Tensor, update: torch.Tensor) -> None:
+        cos = torch.nn.functional.cosine_similarity(x.float(), (x + update).float(), dim=-1)
+        if state.token_mask is not None:
+            cos = cos[state.token_mask]
+        total[index] += cos.sum().double().cpu()
+        count[index] += cos.numel()
+
+    device = next(model.parameters()).device
+    state.observers.append(observe)
+    try:
+        with gate_mode(model, "dense"):
+            for batch in sequences.split(batch_size):
+                model(input_ids=batch.to(device), use_cache=False)
+    finally:
+        state.observers.remove(observe)
+    return 1.0 - total / count.clamp(min=1)
+
+
+def static_skip_set(importance: torch.Tensor, weights: torch.Tensor, target: float) -> torch.Tensor:
+    """Boolean [2L]: the least important modules whose weight adds up to ``target`` of the total
+    (the last one taken only if that lands closer to the target than stopping before it)."""
+    skip = torch.zeros_like(importance, dtype=torch.bool)
+    share = weights.double() / weights.double().sum()
+    done = 0.0
+    for m in importance.argsort().tolist():
+        if abs(done + share[m] - target) > abs(done - target):
+            break
+        skip[m] = True
+        done += float(share[m])
+    return skip
+
+
+@torch.no_grad()
+def seed_routers_from_importance(model: torch.nn.Module, sequences: torch.Tensor, target: float, unit: str) -> dict[str, object]:
+    """Set each router's execute bias to ±init_bias so that argmax routing starts as the static
+    module cut (lowest Block Influence first) at the target ratio."""
+    state = routing_state(model)
+    importance = module_importance(model, sequences)
+    weights = state.module_params if unit == "params" else torch.ones(state.num_modules, dtype=torch.float64)
+    skip = static_skip_set(importance, weights, target)
+    strength = state.config.init_bias
+    for index, layer in enumerate(state.adapter.decoder_layers(model)):
+        for offset, kind in enumerate(("attn", "mlp")):
+            last = layer.skip_routers[kind].net
+            last = last[-1] if isinstance(last, torch.nn.Sequential) else last
+            last.bias.copy_(torch.tensor([0.0, -strength if skip[2 * index + offset] else strength]))
+    return {"importance": importance.tolist(), "seed_skip": skip.nonzero().flatten().tolist()}
