@@ -90,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="tune routers on the default model and compare with dense (what 'make demo' runs)")
     _model_args(p)
     _data_dir_arg(p)
-    _tune_args(p, 150)
-    p.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first N windows of 1024 tokens")
+    _tune_args(p, 70)
+    p.add_argument("--eval-windows", type=int, default=40,
+                   help="evaluate the first N windows of 1024 tokens (default %(default)s; 0 = the whole test set)")
     p.add_argument("--out", default="runs/demo")
     return parser
 
@@ -208,7 +209,7 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
     evaluate = lambda label: _evaluate(  # noqa: E731
         model, tokenizer, evals, split="test", data_dir_arg=args.data_dir, seq_len=1024, batch_size=1,
-        max_windows=args.eval_windows, label=label)
+        max_windows=args.eval_windows or None, label=label)
     rows = evaluate("dense")
     load_routers(model, out)
     rows += evaluate("SkipGPT-RT")

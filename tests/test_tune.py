@@ -299,7 +299,7 @@ def router_grads(checkpointing: bool) -> list[torch.Tensor]:
     set_gate_mode(model, "gumbel", tau=2.0)
     calls = count_gate_decisions(model)
     torch.manual_seed(0)
-    loss, _ = routed_loss(model, random_ids(2, 16), TuneConfig(target=0.3))
+    loss, _ = routed_loss(model, random_ids(2, 16), TuneConfig(target=0.3, loss="nll"))  # no teacher pass to count
     loss.backward()
     assert checkpointing_on(model) == checkpointing
     assert calls[0] == 6 * (2 if checkpointing else 1), "checkpointed layers must be recomputed in backward"
@@ -317,7 +317,7 @@ def test_gradient_checkpointing_option_trains_the_same_routers(tmp_path):
     for checkpointing in (False, True):
         model = attach_routers(tiny_model("llama"))  # same router init for both runs
         calls = count_gate_decisions(model)
-        run(tmp_path / str(checkpointing), model, gradient_checkpointing=checkpointing)
+        run(tmp_path / str(checkpointing), model, gradient_checkpointing=checkpointing, loss="nll")
         assert not checkpointing_on(model)  # switched off again after training
         runs[checkpointing] = (model, calls[0])
     assert runs[False][1] == 4 * 6  # 4 steps x 6 modules
