@@ -158,8 +158,11 @@ def _load_hf(spec: str, split: str) -> TextSource:
 
 
 def tokenize(tokenizer: Callable, text: str) -> torch.Tensor:
-    """Token ids of ``text`` with no special tokens added (BOS handling is the caller's)."""
-    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    """Token ids of ``text`` with no special tokens added (BOS handling is the caller's).
+
+    Whole corpora are longer than the model's context by design (windows are cut afterwards),
+    hence ``verbose=False`` to silence transformers' length warning."""
+    return torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
 
 
 def pack_documents(tokenizer, documents: list[str], seq_len: int) -> torch.Tensor:
@@ -168,7 +171,7 @@ def pack_documents(tokenizer, documents: list[str], seq_len: int) -> torch.Tenso
     ids: list[int] = []
     for doc in documents:
         if doc.strip():
-            ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+            ids.extend(tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"])
             if eos is not None:
                 ids.append(eos)
     n = len(ids) // seq_len

@@ -56,7 +56,7 @@ class CharTokenizer:
 
     eos_token_id = 1
 
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+    def __call__(self, text: str, add_special_tokens: bool = False, verbose: bool = True) -> dict:
         assert add_special_tokens is False, "skipgpt must never ask for special tokens"
         return {"input_ids": [ord(c) % TINY["vocab_size"] for c in text]}
 
@@ -67,7 +67,7 @@ class WordIdTokenizer:
 
     eos_token_id = None
 
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+    def __call__(self, text: str, add_special_tokens: bool = False, verbose: bool = True) -> dict:
         return {"input_ids": [int(w[1:]) for w in text.split()]}
 
 
