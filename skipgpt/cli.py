@@ -1,4 +1,4 @@
-"""Command line: ``skipgpt info | tune | eval | demo`` (also ``python -m skipgpt``)."""
+"""Command line: ``skipgpt info | tune | finetune | export | eval | demo`` (also ``python -m skipgpt``)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ from .errors import SkipGPTError
 from .evaluate import perplexity
 from .models import DEFAULT_MODEL, load_model
 from .report import pct, ppl_rows, table
-from .surgery import branch_parameter_counts, detach_routers, load_routers, write_json
+from .export import export_model
+from .finetune import FinetuneConfig, finetune, load_adapter
+from .surgery import attach_routers, branch_parameter_counts, detach_routers, has_routers, load_routers, write_json
 from .tune import RESULTS_NAME, tune_routers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -76,10 +78,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
 
+    p = sub.add_parser("finetune", help="stage 2: LoRA with frozen routers (SkipGPT-RT-L), --joint or --dense")
+    _model_args(p)
+    _data_dir_arg(p)
+    p.add_argument("--data", default=None, help="training text, as for tune")
+    p.add_argument("--routers", help="router directory from 'skipgpt tune' (SkipGPT-RT-L)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--joint", action="store_true", help="SkipGPT-Joint: fresh routers and LoRA trained together")
+    mode.add_argument("--dense", action="store_true", help="Dense + LoRA: the same recipe without routers")
+    f = FinetuneConfig()
+    p.add_argument("--steps", type=int, default=f.steps)
+    p.add_argument("--seq-len", type=int, default=f.seq_len)
+    p.add_argument("--batch-size", type=int, default=f.batch_size)
+    p.add_argument("--grad-accum", type=int, default=f.grad_accum)
+    p.add_argument("--lr", type=float, default=f.lr)
+    p.add_argument("--warmup-ratio", type=float, default=f.warmup_ratio)
+    p.add_argument("--loss", choices=["nll", "kl"], default=f.loss, help="LM loss (paper) or KL to the base model")
+    p.add_argument("--lora-r", type=int, default=f.lora_r)
+    p.add_argument("--lora-alpha", type=int, default=f.lora_alpha)
+    p.add_argument("--lora-dropout", type=float, default=f.lora_dropout)
+    p.add_argument("--lora-targets", default=",".join(f.lora_targets), help="comma-separated module names")
+    p.add_argument("--target", type=float, default=f.joint.target, help="--joint: target sparsity")
+    p.add_argument("--target-unit", choices=["params", "modules"], default=f.joint.target_unit, help="--joint")
+    p.add_argument("--router-lr", type=float, default=f.joint.lr, help="--joint: router learning rate")
+    p.add_argument("--seed", type=int, default=f.seed)
+    p.add_argument("--save-every", type=int, default=f.save_every)
+    p.add_argument("--out", required=True)
+    p.add_argument("--resume", action="store_true")
+
+    p = sub.add_parser("export", help="one self-contained directory: weights (LoRA merged) + routers")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--routers", help="router directory")
+    p.add_argument("--adapter", help="LoRA adapter directory from 'skipgpt finetune'")
+    p.add_argument("--out", required=True)
+
     p = sub.add_parser("eval", help="perplexity, dense or routed, with sparsity statistics")
     _model_args(p)
     _data_dir_arg(p)
     p.add_argument("--routers", help="router directory from 'skipgpt tune' (omit for the dense model)")
+    p.add_argument("--adapter", help="LoRA adapter directory from 'skipgpt finetune'")
     p.add_argument("--data", default="wikitext2", help="comma-separated: wikitext2, ptb, pydoc or file paths")
     p.add_argument("--split", default="test")
     p.add_argument("--seq-len", type=int, default=1024)
@@ -185,15 +222,64 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         load_source(spec, args.split, args.data_dir)
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
     if args.routers:
+        if has_routers(model):
+            raise SkipGPTError(f"{args.model} carries its own routers (an exported model); omit --routers")
         load_routers(model, args.routers)
-    label = "routed" if args.routers else "dense"
+    if args.adapter:
+        model = load_adapter(model, args.adapter)
+    label = ("routed" if has_routers(model) else "dense") + (" + LoRA" if args.adapter else "")
     rows = _evaluate(model, tokenizer, specs, split=args.split, data_dir_arg=args.data_dir, seq_len=args.seq_len,
                      batch_size=args.batch_size, max_windows=args.max_windows, label=label)
     print(ppl_rows(rows))
-    results = {"model": args.model, "routers": args.routers, "results": {spec: r for spec, (_, r) in zip(specs, rows)}}
+    results = {"model": args.model, "routers": args.routers, "adapter": args.adapter, "results": {spec: r for spec, (_, r) in zip(specs, rows)}}
     if args.json:
         write_json(Path(args.json), results)
     return results
+
+
+def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
+    mode = "joint" if args.joint else "dense" if args.dense else "routed"
+    if (mode == "routed") != bool(args.routers):
+        raise SkipGPTError("SkipGPT-RT-L needs --routers DIR; --joint trains fresh routers and --dense has none, so they take no --routers")
+    base = TuneConfig()
+    cfg = FinetuneConfig(
+        mode=mode, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len,
+        lr=args.lr, warmup_ratio=args.warmup_ratio, loss=args.loss, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout, lora_targets=tuple(t for t in args.lora_targets.split(",") if t),
+        seed=args.seed, save_every=args.save_every,
+        joint=TuneConfig.from_dict({**base.to_dict(), "target": args.target, "target_unit": args.target_unit,
+                                    "lr": args.router_lr, "steps": args.steps, "seed": args.seed}),
+    )
+    out = Path(args.out)
+    if (out / RESULTS_NAME).exists():
+        raise SkipGPTError(f"{out} already holds a finished run; pick another --out or delete it")
+    if checkpoint.find(out) is not None and not args.resume:
+        raise SkipGPTError(f"{out} holds an unfinished run; add --resume to continue it, or pick another --out")
+    source = load_source(_default_train_data(args), "train", args.data_dir)
+    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    if args.routers:
+        load_routers(model, args.routers)
+    elif args.joint:
+        attach_routers(model, RouterConfig())
+    train_ids, _ = training_sequences(tokenizer, source.documents, cfg.seq_len, 0, 0)
+    created = not out.exists()
+    try:
+        _, results = finetune(model, train_ids, cfg, out, resume=args.resume,
+                              meta={"model": args.model, "routers": args.routers, "data": source.description})
+    except BaseException:
+        if created and checkpoint.find(out) is None:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    print(table(["field", "value"], [("result", results["stage"]), ("adapter", args.out),
+                                     ("tokens trained", results["tokens_trained"]), ("wall time", f"{results['wall_s']:.0f} s")]))
+    return results
+
+
+def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
+    out = export_model(args.model, args.out, routers=args.routers, adapter=args.adapter)
+    print(f"exported to {out}: load it with skipgpt.models.load_model({str(out)!r}) or 'skipgpt eval --model {out}'; "
+          "plain transformers loads it as the dense model")
+    return {"out": str(out)}
 
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
@@ -227,7 +313,7 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
-COMMANDS = {"info": cmd_info, "tune": cmd_tune, "eval": cmd_eval, "demo": cmd_demo}
+COMMANDS = {"info": cmd_info, "tune": cmd_tune, "finetune": cmd_finetune, "export": cmd_export, "eval": cmd_eval, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -39,6 +39,7 @@ except ImportError:  # older versions always dequantize GGUF files
     GgufConfig = None
 
 from .errors import SkipGPTError
+from .surgery import CONFIG_NAME, load_routers
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -135,6 +136,8 @@ def load_model(
     else:
         model = _from_pretrained(AutoModelForCausalLM, name_or_path, path, dtype=dtype, **kwargs)
     model.to(device).eval()
+    if "gguf_file" not in kwargs and (Path(path) / CONFIG_NAME).is_file():
+        load_routers(model, path)  # a directory written by `skipgpt export` carries its routers
     return model, _load_tokenizer_from(name_or_path, path, kwargs, model.config)
 
 

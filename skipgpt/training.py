@@ -55,7 +55,6 @@ StepLoss = Callable[[torch.nn.Module, torch.Tensor, int], tuple[torch.Tensor, di
 def run_loop(
     accelerator: Accelerator,
     model: torch.nn.Module,
-    params: list[torch.nn.Parameter],
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     data: torch.Tensor,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -55,12 +55,22 @@ def kl_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor) ->
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
 
 
-def routed_loss(model: torch.nn.Module, batch: torch.Tensor, cfg: TuneConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """Loss of one micro-batch under the current gate mode, with its parts for the log."""
+Teacher = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
+
+
+def lm_loss(model: torch.nn.Module, batch: torch.Tensor, loss: str, teacher: Teacher = dense_logits) -> torch.Tensor:
+    """Next-token NLL, or KL to ``teacher``'s logits (by default the same model, dense)."""
     # The teacher runs first: every forward overwrites the gates the sparsity loss reads.
-    teacher = dense_logits(model, batch) if cfg.loss == "kl" else None
-    out = model(input_ids=batch, labels=batch if teacher is None else None, use_cache=False)
-    lm = out.loss if teacher is None else kl_divergence(teacher, out.logits)
+    target = teacher(model, batch) if loss == "kl" else None
+    out = model(input_ids=batch, labels=batch if target is None else None, use_cache=False)
+    return out.loss if target is None else kl_divergence(target, out.logits)
+
+
+def routed_loss(
+    model: torch.nn.Module, batch: torch.Tensor, cfg: TuneConfig, teacher: Teacher = dense_logits
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """LM loss + α·|T − r| of one micro-batch under the current gate mode, with its parts for the log."""
+    lm = lm_loss(model, batch, cfg.loss, teacher)
     stats = routing_state(model).last_stats()
     sparsity = stats.value(cfg.target_unit)
     penalty = cfg.alpha * (cfg.target - sparsity).abs()
@@ -116,7 +126,7 @@ def tune_routers(
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     last = run_loop(
-        accelerator, ddp_model, params, optimizer, scheduler, train_ids,
+        accelerator, ddp_model, optimizer, scheduler, train_ids,
         LoopSpec(cfg.steps, cfg.batch_size, cfg.grad_accum, cfg.seed, cfg.save_every, fingerprint),
         step_loss, out, resume=resume,
         weights=lambda: routers_state_dict(model),

@@ -71,3 +71,28 @@ def test_accelerate_launch_runs_the_cli_data_parallel(workspace, tmp_path):
     assert results["world_size"] == 2
     assert results["tokens_trained"] == 4 * 2 * 2 * 16  # steps x batch x processes x seq_len
     assert set(load_file(str(out / "routers.safetensors"))) and not (out / "checkpoint").exists()
+
+
+def test_finetune_export_eval(workspace, tmp_path, capsys):
+    model = str(workspace / "model")
+    data = ["--data", str(workspace / "train.txt")]
+    small = ["--steps", "3", "--seq-len", "16", "--batch-size", "2", "--save-every", "3"]
+    routers, adapter, exported = tmp_path / "routers", tmp_path / "adapter", tmp_path / "exported"
+    assert main(["tune", "--model", model, *data, *TUNE, "--no-calibrate", "--out", str(routers)]) == 0
+    assert main(["finetune", "--model", model, *data, "--routers", str(routers), *small, "--out", str(adapter)]) == 0
+    assert json.loads((adapter / "results.json").read_text())["stage"] == "SkipGPT-RT-L"
+    assert main(["finetune", "--model", model, *data, *small, "--out", str(tmp_path / "bad")]) == 2  # RT-L needs routers
+    assert not (tmp_path / "bad").exists()
+    assert main(["finetune", "--model", model, *data, "--dense", *small, "--out", str(tmp_path / "dense")]) == 0
+    assert main(["finetune", "--model", model, *data, "--joint", *small, "--out", str(tmp_path / "joint")]) == 0
+    assert main(["export", "--model", model, "--routers", str(routers), "--adapter", str(adapter), "--out", str(exported)]) == 0
+
+    evals = {}
+    for name, extra in {"adapter": ["--routers", str(routers), "--adapter", str(adapter)], "exported": []}.items():
+        report = tmp_path / f"{name}.json"
+        m = str(exported) if name == "exported" else model
+        assert main(["eval", "--model", m, "--data", str(workspace / "test.txt"), "--seq-len", "32", *extra, "--json", str(report)]) == 0
+        evals[name] = next(iter(json.loads(report.read_text())["results"].values()))
+    assert evals["exported"]["ppl"] == pytest.approx(evals["adapter"]["ppl"], rel=1e-4)
+    assert evals["exported"]["sparsity"]["param_ratio"] == pytest.approx(evals["adapter"]["sparsity"]["param_ratio"], abs=1e-3)
+    assert main(["eval", "--model", str(exported), "--routers", str(routers), "--data", str(workspace / "test.txt")]) == 2

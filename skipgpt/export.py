@@ -1,0 +1,48 @@
+"""One self-contained directory for a routed (and LoRA-recovered) model.
+
+The directory is a normal Hugging Face model directory (LoRA merged into the weights), so anyone
+can load it with plain transformers and get the dense model; beside the weights lie the router
+files, which ``skipgpt.models.load_model`` attaches automatically, and ``skipgpt_export.json``
+recording what was done.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .finetune import load_adapter
+from .models import load_model
+from .surgery import detach_routers, has_routers, load_routers, save_routers, write_json
+
+EXPORT_NAME = "skipgpt_export.json"
+
+
+def export_model(model_name: str, out_dir: str | Path, *, routers: str | None = None, adapter: str | None = None) -> Path:
+    """Write base + routers (+ merged adapter) to ``out_dir``, atomically."""
+    out = Path(out_dir)
+    model, tokenizer = load_model(model_name)
+    if routers:
+        load_routers(model, routers)
+    if adapter:
+        model = load_adapter(model, adapter).merge_and_unload()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        info: dict[str, Any] = {"base_model": model_name, "routers": routers, "adapter": adapter, "lora_merged": bool(adapter)}
+        if has_routers(model):
+            save_routers(model, staging, extra={"export": info})
+            detach_routers(model)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        write_json(staging / EXPORT_NAME, info)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out

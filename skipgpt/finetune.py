@@ -1,0 +1,207 @@
+"""Stage 2: LoRA recovery with frozen routers (SkipGPT-RT-L), and its two reference points.
+
+``mode="routed"``: routers frozen with argmax routing, LoRA (PEFT) on the attention and MLP
+projections: the paper's SkipGPT-RT-L. ``mode="joint"``: routers (Gumbel, τ schedule, sparsity
+loss) and LoRA trained together from the start: the SkipGPT-Joint ablation. ``mode="dense"``:
+the same LoRA recipe with no routers, the "Dense + LoRA" row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from accelerate import Accelerator
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import get_cosine_schedule_with_warmup
+
+from . import checkpoint
+from .config import JsonConfig, TuneConfig
+from .errors import SkipGPTError
+from .surgery import (
+    gate_mode,
+    has_routers,
+    load_routers_state_dict,
+    router_parameters,
+    routers_state_dict,
+    routing_state,
+    save_routers,
+    set_gate_mode,
+    write_json,
+)
+from .training import LoopSpec, run_loop
+from .tune import RESULTS_NAME, lm_loss, routed_loss, tau_at
+
+Mode = Literal["routed", "joint", "dense"]
+ADAPTER_CONFIG = "adapter_config.json"
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class FinetuneConfig(JsonConfig):
+    """LoRA fine-tuning; defaults are the paper's (lr 2e-4, 10 % warm-up, cosine, β = (0.9, 0.95))."""
+
+    mode: Mode = "routed"
+    steps: int = 100
+    batch_size: int = 4
+    grad_accum: int = 1
+    seq_len: int = 256
+    lr: float = 2e-4
+    warmup_ratio: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = DEFAULT_TARGETS
+    loss: Literal["nll", "kl"] = "nll"  # the paper fine-tunes on the LM loss; "kl" distils the base model
+    seed: int = 0
+    save_every: int = 50
+    # Joint mode only: the router half of the recipe (target, unit, α, τ schedule, router lr).
+    joint: TuneConfig = field(default_factory=TuneConfig)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("routed", "joint", "dense"):
+            raise SkipGPTError(f"finetune mode must be 'routed', 'joint' or 'dense', got {self.mode!r}")
+        if isinstance(self.joint, dict):
+            self.joint = TuneConfig.from_dict(self.joint)
+        self.betas = tuple(self.betas)
+        self.lora_targets = tuple(self.lora_targets)
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "save_every", "lora_r"):
+            if getattr(self, name) < 1:
+                raise SkipGPTError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+def add_lora(model: torch.nn.Module, cfg: FinetuneConfig) -> PeftModel:
+    """Wrap the projections with LoRA adapters (PEFT); routers, being no target, stay as they are."""
+    lora = LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.lora_targets), task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as err:
+        raise SkipGPTError(f"cannot add LoRA to {cfg.lora_targets}: {err}") from None
+
+
+def load_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> PeftModel:
+    """Put a saved LoRA adapter onto ``model`` (which carries its routers already, if any)."""
+    if not (Path(adapter_dir) / ADAPTER_CONFIG).is_file():
+        raise SkipGPTError(f"no {ADAPTER_CONFIG} in {adapter_dir}: pass the output directory of 'skipgpt finetune'")
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir))
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise SkipGPTError(
+            f"the adapter in {adapter_dir} does not fit this model ({str(err).splitlines()[0]}); "
+            "load it onto the base model it was trained on"
+        ) from None
+
+
+def _base_logits(peft_model: PeftModel) -> Any:
+    """Distillation target for stage 2: the base model itself, adapters off, every module on."""
+
+    def teacher(_model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        routing = gate_mode(peft_model, "dense") if has_routers(peft_model) else contextlib.nullcontext()
+        with torch.no_grad(), peft_model.disable_adapter(), routing:
+            return peft_model(input_ids=batch, use_cache=False).logits.float()
+
+    return teacher
+
+
+def finetune(
+    model: torch.nn.Module,
+    train_ids: torch.Tensor,
+    cfg: FinetuneConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    meta: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> tuple[PeftModel, dict[str, Any]]:
+    """Fine-tune ``model`` (routed unless ``cfg.mode == "dense"``) with LoRA; write the adapter the
+    PEFT way beside the router files, plus ``train_log.jsonl`` and ``results.json``."""
+    out = Path(out_dir)
+    routed = cfg.mode != "dense"
+    if routed != has_routers(model):
+        raise SkipGPTError(
+            "SkipGPT-RT-L and joint fine-tuning need routers (--routers DIR for RT-L); dense fine-tuning takes none"
+            if routed else "dense fine-tuning must not have routers"
+        )
+    accelerator = Accelerator()
+    torch.manual_seed(cfg.seed + accelerator.process_index)
+    routers_before = routers_state_dict(model) if routed else {}
+    peft_model = add_lora(model, cfg)  # freezes everything but LoRA
+    groups = [{"params": [p for n, p in peft_model.named_parameters() if "lora_" in n], "lr": cfg.lr}]
+    if cfg.mode == "joint":
+        router_params = router_parameters(model)
+        for p in router_params:
+            p.requires_grad_(True)
+        groups.append({"params": router_params, "lr": cfg.joint.lr})
+    peft_model.train()
+    optimizer = torch.optim.AdamW(groups, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.warmup_ratio * cfg.steps), cfg.steps)
+    ddp_model, optimizer, scheduler = accelerator.prepare(peft_model, optimizer, scheduler)
+    teacher = _base_logits(peft_model)
+
+    def step_loss(m: torch.nn.Module, batch: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        if cfg.mode == "joint":
+            tau = tau_at(step, cfg.steps, cfg.joint.tau_start, cfg.joint.tau_end)
+            set_gate_mode(model, "gumbel", tau=tau)
+            loss, parts = routed_loss(m, batch, TuneConfig.from_dict({**cfg.joint.to_dict(), "loss": cfg.loss}), teacher)
+            return loss, {**parts, "tau": tau}
+        if routed:
+            set_gate_mode(model, "argmax")  # frozen routers, deterministic decisions
+        loss = lm_loss(m, batch, cfg.loss, teacher)
+        parts = {"lm_loss": float(loss.detach())}
+        if routed:
+            parts["sparsity"] = float(routing_state(model).last_stats().params)
+        return loss, parts
+
+    def weights() -> dict[str, torch.Tensor]:
+        lora = {f"lora.{k}": v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
+        return {**lora, **({f"router.{k}": v for k, v in routers_state_dict(model).items()} if cfg.mode == "joint" else {})}
+
+    def load_weights(saved: dict[str, torch.Tensor]) -> None:
+        set_peft_model_state_dict(peft_model, {k[5:]: v for k, v in saved.items() if k.startswith("lora.")})
+        if cfg.mode == "joint":
+            load_routers_state_dict(model, {k[7:]: v for k, v in saved.items() if k.startswith("router.")})
+
+    fingerprint = {"finetune": cfg.to_dict(), "data_shape": list(train_ids.shape)}
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    last = run_loop(
+        accelerator, ddp_model, optimizer, scheduler, train_ids,
+        LoopSpec(cfg.steps, cfg.batch_size, cfg.grad_accum, cfg.seed, cfg.save_every, fingerprint),
+        step_loss, out, resume=resume, weights=weights, load_weights=load_weights,
+        desc=f"LoRA ({cfg.mode})", progress=progress,
+    )
+    peft_model.eval()
+    if routed:
+        set_gate_mode(model, "argmax")
+        if cfg.mode == "routed" and any(
+            not torch.equal(routers_before[k], v) for k, v in routers_state_dict(model).items()
+        ):
+            raise SkipGPTError("internal error: frozen routers changed during fine-tuning")
+    results = {
+        "stage": {"routed": "SkipGPT-RT-L", "joint": "SkipGPT-Joint", "dense": "Dense + LoRA"}[cfg.mode],
+        "finetune": cfg.to_dict(),
+        "router": routing_state(model).config.to_dict() if routed else None,
+        "tokens_trained": last.get("tokens", 0),
+        "world_size": accelerator.num_processes,
+        "wall_s": round(last.get("elapsed_s", 0.0), 1),
+        "this_session_s": round(time.perf_counter() - start, 1),
+        "last_step": last,
+        **(meta or {}),
+    }
+    if accelerator.is_main_process:
+        peft_model.save_pretrained(str(out))
+        if routed:
+            save_routers(model, out, extra={"training": cfg.to_dict(), **(meta or {})})
+        write_json(out / RESULTS_NAME, results)
+        checkpoint.remove(out)
+    accelerator.wait_for_everyone()
+    return peft_model, results

@@ -1,0 +1,135 @@
+"""Stage 2 (LoRA with frozen routers), the joint and dense variants, and the exported model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import skipgpt.finetune
+from conftest import base_parameters, random_ids, router_tensors, save_tiny_model_dir, tiny_model
+from skipgpt import RouterConfig, SkipGPTError, attach_routers, has_routers, load_routers, routing_state, save_routers
+from skipgpt.export import export_model
+from skipgpt.finetune import FinetuneConfig, finetune, load_adapter
+from skipgpt.models import load_model
+
+SMALL = dict(steps=6, batch_size=2, seq_len=16, lr=1e-2, save_every=3)
+
+
+def routed_tiny(seed: int = 0):
+    return attach_routers(tiny_model("llama", seed=seed), RouterConfig(init_bias=0.5))
+
+
+def run(tmp_path, model, **overrides):
+    return finetune(model, random_ids(16, 16), FinetuneConfig(**{**SMALL, **overrides}), tmp_path, progress=False)
+
+
+def lora_tensors(peft_model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_" in n}
+
+
+def test_rt_l_trains_only_lora_with_frozen_argmax_routers(tmp_path, monkeypatch):
+    model = routed_tiny()
+    base, routers = base_parameters(model), router_tensors(model)
+    modes = []
+    real = skipgpt.finetune.lm_loss
+
+    def spy(m, *args, **kwargs):
+        modes.append(routing_state(model).mode)
+        return real(m, *args, **kwargs)
+
+    monkeypatch.setattr(skipgpt.finetune, "lm_loss", spy)
+    peft_model, results = run(tmp_path, model)
+    assert modes == ["argmax"] * 6
+    assert all(torch.equal(v, router_tensors(model)[k]) for k, v in routers.items())
+    after = {n.replace("base_model.model.", "").replace(".base_layer", ""): p for n, p in peft_model.named_parameters() if "lora_" not in n}
+    assert all(torch.equal(after[k], v) for k, v in base.items())
+    assert any(float(p.abs().sum()) > 0 for n, p in peft_model.named_parameters() if "lora_B" in n)  # LoRA B starts at 0
+    assert results["stage"] == "SkipGPT-RT-L"
+    assert {"adapter_config.json", "adapter_model.safetensors", "router_config.json", "routers.safetensors",
+            "train_log.jsonl", "results.json"} <= {p.name for p in tmp_path.iterdir()}
+
+
+def test_joint_updates_routers_and_lora(tmp_path):
+    model = routed_tiny()
+    routers = router_tensors(model)
+    peft_model, results = run(tmp_path, model, mode="joint")
+    assert any(not torch.equal(v, router_tensors(model)[k]) for k, v in routers.items())
+    assert any(float(p.abs().sum()) > 0 for n, p in peft_model.named_parameters() if "lora_B" in n)
+    assert results["stage"] == "SkipGPT-Joint" and "tau" in results["last_step"]
+
+
+def test_dense_lora_has_no_routers(tmp_path):
+    peft_model, results = run(tmp_path, tiny_model("llama"), mode="dense")
+    assert not has_routers(peft_model.get_base_model()) and results["router"] is None
+    assert not (tmp_path / "router_config.json").exists()
+
+
+@pytest.mark.parametrize("mode, routed", [("routed", False), ("dense", True)])
+def test_mode_and_routers_must_agree(tmp_path, mode, routed):
+    model = routed_tiny() if routed else tiny_model("llama")
+    with pytest.raises(SkipGPTError):
+        run(tmp_path, model, mode=mode)
+
+
+def test_resumed_finetune_equals_straight_run(tmp_path, monkeypatch):
+    straight, _ = run(tmp_path / "a", routed_tiny())
+    real, calls = skipgpt.finetune.lm_loss, [0]
+
+    def flaky(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] > 4:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(skipgpt.finetune, "lm_loss", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", routed_tiny())
+    monkeypatch.setattr(skipgpt.finetune, "lm_loss", real)
+    resumed, _ = finetune(routed_tiny(), random_ids(16, 16), FinetuneConfig(**SMALL), tmp_path / "b", resume=True, progress=False)
+    a, b = lora_tensors(straight), lora_tensors(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture()
+def trained(tmp_path):
+    """A tiny model directory, routers for it, and an RT-L adapter trained on top."""
+    model_dir = save_tiny_model_dir(tmp_path / "model")
+    model, _ = load_model(str(model_dir))
+    attach_routers(model, RouterConfig(init_bias=0.5))
+    save_routers(model, tmp_path / "routers")
+    run(tmp_path / "adapter", model)
+    return model_dir, tmp_path / "routers", tmp_path / "adapter"
+
+
+def test_export_merges_lora_and_carries_routers(trained, tmp_path):
+    model_dir, routers, adapter = trained
+    ids = random_ids(2, 12, seed=3)
+    reference, _ = load_model(str(model_dir))
+    load_routers(reference, routers)
+    reference = load_adapter(reference, adapter)
+    with torch.no_grad():
+        expected = reference(input_ids=ids).logits
+    out = export_model(str(model_dir), tmp_path / "exported", routers=str(routers), adapter=str(adapter))
+    exported, _ = load_model(str(out))
+    assert has_routers(exported)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
+    plain = AutoModelForCausalLM.from_pretrained(out)  # anyone without skipgpt gets the dense merged model
+    assert not has_routers(plain) and not any("skip_routers" in k for k in plain.state_dict())
+    info = json.loads((out / "skipgpt_export.json").read_text())
+    assert info["lora_merged"] and info["adapter"] == str(adapter)
+
+
+def test_adapter_for_another_base_is_refused(trained):
+    _, _, adapter = trained
+    other = tiny_model("llama", hidden_size=48)
+    with pytest.raises(SkipGPTError, match="does not fit"):
+        load_adapter(other, adapter)
+
+
+def test_missing_adapter_files_are_refused(tmp_path):
+    with pytest.raises(SkipGPTError, match="adapter_config.json"):
+        load_adapter(tiny_model("llama"), tmp_path)
