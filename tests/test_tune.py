@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -351,3 +352,9 @@ def test_configs_round_trip_through_json():
     assert TuneConfig.from_dict(json.loads(json.dumps(tune.to_dict()))) == tune  # betas: list -> tuple
     router = RouterConfig(router="mlp", threshold=0.5)
     assert RouterConfig.from_dict({**json.loads(json.dumps(router.to_dict())), "future_field": 1}) == router
+
+
+def test_bf16_autocast_option_trains_float32_routers(tmp_path):
+    model, results = run(tmp_path, bf16=True, steps=3)
+    assert results["tune"]["bf16"] and math.isfinite(results["last_step"]["loss"])
+    assert all(p.dtype == torch.float32 for p in router_parameters(model))
