@@ -118,3 +118,24 @@ def write_word_text(path: Path, words: int, seed: int = 0, lines_of: int = 40) -
     lines = [" ".join(WORDS[i] for i in ids[k : k + lines_of]) for k in range(0, words, lines_of)]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def accelerate_launch(args: list[str], cwd: Path, timeout: int = 180):
+    """Two data-parallel CPU processes. `--cpu` alone starts a single process; two CPU processes
+    are torchrun's job, which accelerate runs for --multi_gpu, and ACCELERATE_USE_CPU makes each
+    join a gloo process group (without it, on a machine with no GPU, each believes it is alone)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(port), *args,
+    ]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 from safetensors.torch import load_file
 
-from conftest import REPO, assert_same_tensors, tiny_model
+from conftest import accelerate_launch, assert_same_tensors, tiny_model
 
 # Each rank trains, then saves the routers it ends with; DDP must have kept them identical.
 SCRIPT = textwrap.dedent(
@@ -41,27 +37,11 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_cpu_tuning(tmp_path):
     tiny_model("llama").save_pretrained(tmp_path / "model")
     (tmp_path / "train.py").write_text(SCRIPT)
     out = tmp_path / "out"
-    # `--cpu` alone starts a single process; two CPU processes are torchrun's job, which accelerate
-    # runs for --multi_gpu. ACCELERATE_USE_CPU makes each process join a gloo (CPU) process group;
-    # without it, on a machine with no GPU, both processes believe they are alone.
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()),
-        str(tmp_path / "train.py"), str(tmp_path / "model"), str(out),
-    ]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    proc = accelerate_launch([str(tmp_path / "train.py"), str(tmp_path / "model"), str(out)], tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     results = json.loads((out / "results.json").read_text())

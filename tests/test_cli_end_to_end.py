@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 from safetensors.torch import load_file
 
-from conftest import REPO, save_tiny_model_dir, write_word_text
+from conftest import accelerate_launch, save_tiny_model_dir, write_word_text
 from skipgpt.cli import main
 
 TUNE = ["--steps", "4", "--seq-len", "16", "--batch-size", "2", "--lr", "1e-2", "--save-every", "2"]
@@ -48,24 +44,13 @@ def test_tune_then_eval(workspace, tmp_path, capsys):
     assert "| routed" in capsys.readouterr().out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_accelerate_launch_runs_the_cli_data_parallel(workspace, tmp_path):
     """`accelerate launch --num_processes 2 -m skipgpt tune ...`, on CPU (gloo)."""
     out = tmp_path / "ddp"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()),
-        "-m", "skipgpt", "tune", "--model", str(workspace / "model"), "--data", str(workspace / "train.txt"),
-        *TUNE, "--out", str(out),
-    ]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    proc = accelerate_launch(
+        ["-m", "skipgpt", "tune", "--model", str(workspace / "model"), "--data", str(workspace / "train.txt"), *TUNE, "--out", str(out)],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
     assert results["world_size"] == 2
