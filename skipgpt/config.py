@@ -33,11 +33,10 @@ class JsonConfig:
 class RouterConfig(JsonConfig):
     """Architecture of the routers and how their logits become decisions.
 
-    ``input_norm`` and ``init_bias`` default to the small-budget winners measured on
-    SmolLM2 (see docs/small-budget.md): the raw residual stream's scale varies by orders of
-    magnitude across layers, so a parameter-free RMS normalisation lets one learning rate
-    suit every router, and an execute bias starts tuning from the dense model rather than
-    from a random half-pruned one.
+    ``init_bias`` +3 (start from the dense model) beat a random start and a static-cut seed on
+    SmolLM2 (docs/small-budget.md). ``input_norm``: the raw residual stream's scale varies by
+    orders of magnitude across layers, so a parameter-free RMS normalisation lets one learning
+    rate suit every router (METHOD.md's small-budget measurements favour it; not re-ablated here).
     """
 
     router: RouterKind = "linear"
