@@ -47,6 +47,9 @@ class LoopSpec:
     seed: int
     save_every: int
     fingerprint: dict[str, Any]  # everything that must match for a resume to be valid
+    # bf16 autocast is ours rather than Accelerator(mixed_precision=...): accelerate's state is a
+    # process-wide singleton, so a second run in one process could not change its precision.
+    bf16: bool = False
 
 
 StepLoss = Callable[[torch.nn.Module, torch.Tensor, int], tuple[torch.Tensor, dict[str, float]]]
@@ -117,7 +120,7 @@ def run_loop(
             idx = batch_indices(step, micro, n=n, batch_size=spec.batch_size, grad_accum=spec.grad_accum, rank=rank, world=world, seed=spec.seed)
             batch = data[idx].to(accelerator.device)
             sync = contextlib.nullcontext() if micro == spec.grad_accum - 1 else accelerator.no_sync(model)
-            with sync, accelerator.autocast():
+            with sync, torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=spec.bf16):
                 loss, parts = step_loss(model, batch, step)
                 accelerator.backward(loss / spec.grad_accum)
             for k, v in {"loss": float(loss.detach()), **parts}.items():

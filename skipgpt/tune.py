@@ -98,7 +98,7 @@ def tune_routers(
     threshold so that argmax routing delivers the target (``cfg.calibrate``).
     """
     out = Path(out_dir)
-    accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
+    accelerator = Accelerator()
     torch.manual_seed(cfg.seed + accelerator.process_index)  # Gumbel noise differs per process
     if not has_routers(model):
         attach_routers(model, router_config)
@@ -127,7 +127,7 @@ def tune_routers(
     start = time.perf_counter()
     last = run_loop(
         accelerator, ddp_model, optimizer, scheduler, train_ids,
-        LoopSpec(cfg.steps, cfg.batch_size, cfg.grad_accum, cfg.seed, cfg.save_every, fingerprint),
+        LoopSpec(cfg.steps, cfg.batch_size, cfg.grad_accum, cfg.seed, cfg.save_every, fingerprint, cfg.bf16),
         step_loss, out, resume=resume,
         weights=lambda: routers_state_dict(model),
         load_weights=lambda w: load_routers_state_dict(model, w),
