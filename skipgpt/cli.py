@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -169,30 +170,41 @@ def _default_train_data(args: argparse.Namespace) -> str:
     return args.data or ("c4" if data_dir(args.data_dir) else "pydoc")
 
 
+def _check_output(out: Path, resume: bool) -> None:
+    if (out / RESULTS_NAME).exists():
+        raise SkipGPTError(f"{out} already holds a finished run; pick another --out or delete it")
+    if checkpoint.find(out) is not None and not resume:
+        raise SkipGPTError(f"{out} holds an unfinished run; add --resume to continue it, or pick another --out")
+
+
+@contextlib.contextmanager
+def _no_partial_output(out: Path) -> Iterator[None]:
+    """A run that fails before its first checkpoint leaves no directory it created behind."""
+    created = not out.exists()
+    try:
+        yield
+    except BaseException:
+        if created and checkpoint.find(out) is None:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
 def run_tune(args: argparse.Namespace, data: str) -> dict[str, Any]:
     """Validate everything first, so bad input never leaves a half-made output directory."""
     tune_cfg, router_cfg = _tune_config(args)
     out = Path(args.out)
-    if (out / RESULTS_NAME).exists():
-        raise SkipGPTError(f"{out} already holds a finished run; pick another --out or delete it")
-    if checkpoint.find(out) is not None and not args.resume:
-        raise SkipGPTError(f"{out} holds an unfinished run; add --resume to continue it, or pick another --out")
+    _check_output(out, args.resume)
     source = load_source(data, "train", args.data_dir)
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
     get_adapter(model)
     train_ids, calib_ids = training_sequences(tokenizer, source.documents, tune_cfg.seq_len, tune_cfg.calib_sequences, tune_cfg.calib_seq_len)
     print(f"skipgpt: tuning routers on {source.description}: {train_ids.shape[0]} sequences of {tune_cfg.seq_len} tokens"
           f"{'' if calib_ids is None else f', {calib_ids.numel()} held-out tokens for calibration'}", file=sys.stderr)
-    created = not out.exists()
-    try:
+    with _no_partial_output(out):
         return tune_routers(
             model, train_ids, tune_cfg, out, router_config=router_cfg, calib_ids=calib_ids, resume=args.resume,
             meta={"model": args.model, "data": source.description},
         )
-    except BaseException:
-        if created and checkpoint.find(out) is None:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
 
 
 def cmd_tune(args: argparse.Namespace) -> dict[str, Any]:
@@ -251,10 +263,7 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
                                     "lr": args.router_lr, "steps": args.steps, "seed": args.seed}),
     )
     out = Path(args.out)
-    if (out / RESULTS_NAME).exists():
-        raise SkipGPTError(f"{out} already holds a finished run; pick another --out or delete it")
-    if checkpoint.find(out) is not None and not args.resume:
-        raise SkipGPTError(f"{out} holds an unfinished run; add --resume to continue it, or pick another --out")
+    _check_output(out, args.resume)
     source = load_source(_default_train_data(args), "train", args.data_dir)
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
     if args.routers:
@@ -262,14 +271,9 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
     elif args.joint:
         attach_routers(model, RouterConfig())
     train_ids, _ = training_sequences(tokenizer, source.documents, cfg.seq_len, 0, 0)
-    created = not out.exists()
-    try:
+    with _no_partial_output(out):
         _, results = finetune(model, train_ids, cfg, out, resume=args.resume,
                               meta={"model": args.model, "routers": args.routers, "data": source.description})
-    except BaseException:
-        if created and checkpoint.find(out) is None:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
     print(table(["field", "value"], [("result", results["stage"]), ("adapter", args.out),
                                      ("tokens trained", results["tokens_trained"]), ("wall time", f"{results['wall_s']:.0f} s")]))
     return results
