@@ -270,9 +270,10 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
         load_routers(model, args.routers)
     elif args.joint:
         attach_routers(model, RouterConfig())
-    train_ids, _ = training_sequences(tokenizer, source.documents, cfg.seq_len, 0, 0)
+    # The same split as 'tune': every mode trains on the same text, joint calibrates on the held-out tail.
+    train_ids, calib_ids = training_sequences(tokenizer, source.documents, cfg.seq_len, base.calib_sequences, base.calib_seq_len)
     with _no_partial_output(out):
-        _, results = finetune(model, train_ids, cfg, out, resume=args.resume,
+        _, results = finetune(model, train_ids, cfg, out, resume=args.resume, calib_ids=calib_ids,
                               meta={"model": args.model, "routers": args.routers, "data": source.description})
     print(table(["field", "value"], [("result", results["stage"]), ("adapter", args.out),
                                      ("tokens trained", results["tokens_trained"]), ("wall time", f"{results['wall_s']:.0f} s")]))

@@ -20,6 +20,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from transformers import get_cosine_schedule_with_warmup
 
 from . import checkpoint
+from .calibrate import calibrate_threshold
 from .config import JsonConfig, TuneConfig
 from .errors import SkipGPTError
 from .surgery import (
@@ -119,11 +120,16 @@ def finetune(
     out_dir: str | Path,
     *,
     resume: bool = False,
+    calib_ids: torch.Tensor | None = None,
     meta: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> tuple[PeftModel, dict[str, Any]]:
     """Fine-tune ``model`` (routed unless ``cfg.mode == "dense"``) with LoRA; write the adapter the
-    PEFT way beside the router files, plus ``train_log.jsonl`` and ``results.json``."""
+    PEFT way beside the router files, plus ``train_log.jsonl`` and ``results.json``.
+
+    Joint mode trains its routers from scratch, so, like ``tune``, it calibrates their threshold on
+    ``calib_ids`` (held-out training text) afterwards: the ablation then compares at the same ratio.
+    """
     out = Path(out_dir)
     routed = cfg.mode != "dense"
     if routed != has_routers(model):
@@ -180,8 +186,11 @@ def finetune(
         desc=f"LoRA ({cfg.mode})", progress=progress,
     )
     peft_model.eval()
+    calibration: dict[str, Any] | None = None
     if routed:
         set_gate_mode(model, "argmax")
+        if cfg.mode == "joint" and cfg.joint.calibrate and calib_ids is not None and accelerator.is_main_process:
+            calibration = calibrate_threshold(peft_model, calib_ids, cfg.joint.target, cfg.joint.target_unit)
         if cfg.mode == "routed" and any(
             not torch.equal(routers_before[k], v) for k, v in routers_state_dict(model).items()
         ):
@@ -195,6 +204,7 @@ def finetune(
         "wall_s": round(last.get("elapsed_s", 0.0), 1),
         "this_session_s": round(time.perf_counter() - start, 1),
         "last_step": last,
+        "calibration": calibration,
         **(meta or {}),
     }
     if accelerator.is_main_process:

@@ -61,6 +61,17 @@ def test_joint_updates_routers_and_lora(tmp_path):
     assert results["stage"] == "SkipGPT-Joint" and "tau" in results["last_step"]
 
 
+def test_joint_calibrates_its_threshold_on_held_out_text(tmp_path):
+    model = routed_tiny()
+    cfg = FinetuneConfig(**{**SMALL, "mode": "joint"})
+    cfg.joint.target = 0.3
+    _, results = finetune(model, random_ids(16, 16), cfg, tmp_path, calib_ids=random_ids(4, 32, seed=9), progress=False)
+    calibration = results["calibration"]
+    assert abs(calibration["ratio_after"] - 0.3) < abs(calibration["ratio_before"] - 0.3) or abs(calibration["ratio_after"] - 0.3) < 0.05
+    saved = json.loads((tmp_path / "router_config.json").read_text())
+    assert saved["router"]["threshold"] == pytest.approx(routing_state(model).config.threshold)
+
+
 def test_dense_lora_has_no_routers(tmp_path):
     peft_model, results = run(tmp_path, tiny_model("llama"), mode="dense")
     assert not has_routers(peft_model.get_base_model()) and results["router"] is None
