@@ -3,6 +3,7 @@
 from .adapters import ADAPTERS, ArchAdapter, get_adapter
 from .config import RouterConfig, TuneConfig
 from .errors import SkipGPTError
+from .generate import GenerateConfig, Generation, generate
 from .surgery import (
     attach_routers,
     detach_routers,
@@ -21,12 +22,15 @@ __version__ = "0.1.0"
 __all__ = [
     "ADAPTERS",
     "ArchAdapter",
+    "GenerateConfig",
+    "Generation",
     "RouterConfig",
     "SkipGPTError",
     "TuneConfig",
     "attach_routers",
     "detach_routers",
     "gate_mode",
+    "generate",
     "get_adapter",
     "has_routers",
     "load_routers",

@@ -1,4 +1,4 @@
-"""Command line: ``skipgpt info | tune | finetune | export | eval | demo`` (also ``python -m skipgpt``)."""
+"""Command line: ``skipgpt info | tune | finetune | export | eval | generate | demo`` (also ``python -m skipgpt``)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from .models import DEFAULT_MODEL, load_model
 from .report import pct, ppl_rows, table
 from .export import export_model
 from .finetune import FinetuneConfig, finetune, load_adapter
-from .surgery import attach_routers, branch_parameter_counts, detach_routers, has_routers, load_routers, write_json
+from .generate import GenerateConfig, generate
+from .surgery import attach_routers, branch_parameter_counts, detach_routers, has_routers, load_routers, routing_state, write_json
 from .tune import RESULTS_NAME, tune_routers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -124,6 +125,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
     p.add_argument("--json", help="write results here")
+
+    p = sub.add_parser("generate", help="complete prompts with a routed model (skipped modules are not computed)")
+    _model_args(p)
+    p.add_argument("--routers", help="router directory (omit for the dense model)")
+    p.add_argument("--adapter", help="LoRA adapter directory from 'skipgpt finetune'")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for a batch (left-padded)")
+    p.add_argument("--prompt-file", help="one prompt per line")
+    g = GenerateConfig()
+    p.add_argument("--max-new-tokens", type=int, default=g.max_new_tokens)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=g.temperature)
+    p.add_argument("--top-p", type=float, default=g.top_p)
+    p.add_argument("--top-k", type=int, default=g.top_k)
+    p.add_argument("--seed", type=int, default=g.seed)
+    p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template (instruct models)")
+    p.add_argument("--masked", action="store_true",
+                   help="compute every module and multiply by the gate (the reference the skipping path must match)")
+    p.add_argument("--json", help="write texts and sparsity here")
 
     p = sub.add_parser("demo", help="tune routers on the default model and compare with dense (what 'make demo' runs)")
     _model_args(p)
@@ -232,13 +251,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     specs = [s for s in args.data.split(",") if s]
     for spec in specs:  # fail on bad data before spending time on the model
         load_source(spec, args.split, args.data_dir)
-    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
-    if args.routers:
-        if has_routers(model):
-            raise SkipGPTError(f"{args.model} carries its own routers (an exported model); omit --routers")
-        load_routers(model, args.routers)
-    if args.adapter:
-        model = load_adapter(model, args.adapter)
+    model, tokenizer = _routed_model(args)
     label = ("routed" if has_routers(model) else "dense") + (" + LoRA" if args.adapter else "")
     rows = _evaluate(model, tokenizer, specs, split=args.split, data_dir_arg=args.data_dir, seq_len=args.seq_len,
                      batch_size=args.batch_size, max_windows=args.max_windows, label=label)
@@ -247,6 +260,47 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     if args.json:
         write_json(Path(args.json), results)
     return results
+
+
+def _routed_model(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The base model with ``--routers`` and ``--adapter`` applied, as eval and generate take them."""
+    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    if args.routers:
+        if has_routers(model):
+            raise SkipGPTError(f"{args.model} carries its own routers (an exported model); omit --routers")
+        load_routers(model, args.routers)
+    if args.adapter:
+        model = load_adapter(model, args.adapter)
+    return model, tokenizer
+
+
+def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
+    prompts = list(args.prompt)
+    if args.prompt_file:
+        try:
+            prompts += [line for line in Path(args.prompt_file).read_text().splitlines() if line.strip()]
+        except OSError as err:
+            raise SkipGPTError(f"cannot read --prompt-file: {err}") from None
+    if not prompts:
+        raise SkipGPTError("give --prompt TEXT (repeatable) or --prompt-file FILE")
+    cfg = GenerateConfig(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+                         top_p=args.top_p, top_k=args.top_k, seed=args.seed, chat=args.chat)
+    model, tokenizer = _routed_model(args)
+    if has_routers(model):
+        routing_state(model).skip_compute = not args.masked
+    result = generate(model, tokenizer, prompts, cfg)
+    for prompt, text in zip(prompts, result.texts):
+        print(f"### {prompt}\n{text}\n")
+    rows = [("new tokens", result.new_tokens), ("tokens/s", f"{result.new_tokens / result.seconds:.1f}")]
+    if result.sparsity:
+        rows += [("parameter ratio skipped", pct(result.sparsity["param_ratio"])), ("module sparsity", pct(result.sparsity["module_sparsity"])),
+                 ("attention / MLP skipped", f"{pct(result.sparsity['attn_sparsity'])} / {pct(result.sparsity['mlp_sparsity'])}")]
+    print(table(["field", "value"], rows))
+    out = {"prompts": prompts, "texts": result.texts, "generate": cfg.to_dict(), "new_tokens": result.new_tokens,
+           "seconds": round(result.seconds, 3), "sparsity": result.sparsity, "model": args.model, "routers": args.routers}
+    if args.json:
+        write_json(Path(args.json), out)
+    return out
 
 
 def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
@@ -318,7 +372,7 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
-COMMANDS = {"info": cmd_info, "tune": cmd_tune, "finetune": cmd_finetune, "export": cmd_export, "eval": cmd_eval, "demo": cmd_demo}
+COMMANDS = {"info": cmd_info, "tune": cmd_tune, "finetune": cmd_finetune, "export": cmd_export, "eval": cmd_eval, "generate": cmd_generate, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

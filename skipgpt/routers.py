@@ -35,6 +35,14 @@ class Router(nn.Module):
         with torch.no_grad():
             last.bias.copy_(torch.tensor([0.0, config.init_bias]))
 
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        """``model.to(torch.bfloat16)`` moves routers with the model but leaves them float32."""
+        super()._apply(fn, recurse)
+        for p in self.parameters():
+            if p.dtype != torch.float32:
+                p.data = p.data.float()
+        return self
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         x = hidden.float()
         if self.input_norm:

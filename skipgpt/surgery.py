@@ -22,6 +22,7 @@ from torch import nn
 
 from .adapters import ArchAdapter, get_adapter
 from .config import RouterConfig
+from .engine import skip_branch
 from .errors import SkipGPTError
 from .routers import GATE_MODES, GateMode, Router, execute_gate, margin
 from .sparsity import SparsityMeter, SparsityStats, gate_stats
@@ -41,6 +42,9 @@ class RoutingState:
         self.module_params = module_params
         self.mode: GateMode = "argmax"
         self.checkpointing = False  # recompute each layer in backward to save activation memory
+        # Inference (no gradient, deterministic gates) runs only what executes (engine.py);
+        # False computes every branch and multiplies by the gate, the reference it must equal.
+        self.skip_compute = True
         self.tau = 1.0
         self.fixed_gates: torch.Tensor | None = None
         self.token_mask: torch.Tensor | None = None
@@ -96,17 +100,28 @@ def _routed_layer_forward(self: nn.Module, hidden_states: torch.Tensor, **kwargs
 
 def _routed_layer_body(self: nn.Module, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     state: RoutingState = self.skipgpt_state
+    sparse = state.skip_compute and state.mode != "gumbel" and not torch.is_grad_enabled()
     for offset, kind in enumerate(KINDS):
+        index = 2 * self.skipgpt_index + offset
         norm, module, post_norm = state.adapter.branch(self, kind)
-        gate = state.decide(self.skip_routers[kind], hidden_states, 2 * self.skipgpt_index + offset)
-        out = norm(hidden_states)
-        out = module(hidden_states=out, **kwargs)[0] if kind == "attn" else module(out)
-        if post_norm is not None:
-            out = post_norm(out)
-        update = gate.unsqueeze(-1).to(out.dtype) * out
-        for observe in state.observers:
-            observe(2 * self.skipgpt_index + offset, hidden_states, update)
-        hidden_states = hidden_states + update
+        gate = state.decide(self.skip_routers[kind], hidden_states, index)
+        execute = gate > 0 if sparse else None
+        if execute is not None and state.token_mask is not None:
+            execute &= state.token_mask  # padding runs nothing
+        if execute is not None and not bool(execute.all()):
+            update = skip_branch(kind, norm, module, post_norm, hidden_states, execute, kwargs)
+        else:
+            out = norm(hidden_states)
+            out = module(hidden_states=out, **kwargs)[0] if kind == "attn" else module(out)
+            if post_norm is not None:
+                out = post_norm(out)
+            update = out if execute is not None else gate.unsqueeze(-1).to(out.dtype) * out
+        if state.observers:
+            update = torch.zeros_like(hidden_states) if update is None else update
+            for observe in state.observers:
+                observe(index, hidden_states, update)
+        if update is not None:
+            hidden_states = hidden_states + update
     return hidden_states
 
 

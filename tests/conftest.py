@@ -26,12 +26,12 @@ TINY = dict(
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"]
 
 
-def tiny_model(model_type: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:
+def tiny_model(model_type: str = "llama", seed: int = 0, attn: str = "eager", **overrides) -> torch.nn.Module:
     torch.manual_seed(seed)
     extra = {"sliding_window": 16} if model_type in ("gemma2", "gemma3_text", "mistral") else {}
     config = AutoConfig.for_model(model_type, **{**TINY, **extra, **overrides})
     config._name_or_path = f"tiny-{model_type}"
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
     return model.eval()
 
 

@@ -81,3 +81,27 @@ def test_finetune_export_eval(workspace, tmp_path, capsys):
     assert evals["exported"]["ppl"] == pytest.approx(evals["adapter"]["ppl"], rel=1e-4)
     assert evals["exported"]["sparsity"]["param_ratio"] == pytest.approx(evals["adapter"]["sparsity"]["param_ratio"], abs=1e-3)
     assert main(["eval", "--model", str(exported), "--routers", str(routers), "--data", str(workspace / "test.txt")]) == 2
+
+
+def test_generate_skipping_equals_masked_and_reports_sparsity(workspace, tmp_path, capsys):
+    import torch
+
+    from skipgpt import RouterConfig, attach_routers, save_routers
+    from skipgpt.models import load_model
+
+    model, _ = load_model(str(workspace / "model"))
+    attach_routers(model, RouterConfig(init_bias=0.0))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2 and p.shape[0] == 2:
+                p.normal_(generator=torch.Generator().manual_seed(0))
+    save_routers(model, tmp_path / "routers")
+    args = ["generate", "--model", str(workspace / "model"), "--routers", str(tmp_path / "routers"),
+            "--prompt", "the cat sat", "--prompt", "a dog ran over the hill and", "--max-new-tokens", "6"]
+    assert main([*args, "--json", str(tmp_path / "skip.json")]) == 0
+    assert main([*args, "--masked", "--json", str(tmp_path / "masked.json")]) == 0
+    skip, masked = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("skip", "masked"))
+    assert skip["texts"] == masked["texts"] and len(skip["texts"]) == 2
+    assert 0.0 < skip["sparsity"]["module_sparsity"] < 1.0
+    assert "parameter ratio skipped" in capsys.readouterr().out
+    assert main(["generate", "--model", str(workspace / "model")]) == 2  # no prompt: clear error

@@ -1,0 +1,75 @@
+"""Text generation with a routed model: Hugging Face ``generate`` on the skipping path.
+
+The routed model *is* a transformers model, so ``model.generate`` works as usual (KV cache,
+sampling, stopping). This wrapper adds what a user of skipgpt wants around it: batched prompts
+padded on the left, an optional chat template, a fixed seed for sampling, and the sparsity that
+routing achieved over the prompt and the generated tokens (padding excluded).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from .config import JsonConfig
+from .errors import SkipGPTError
+from .surgery import has_routers, measure_sparsity
+
+
+@dataclass
+class GenerateConfig(JsonConfig):
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    chat: bool = False  # wrap each prompt in the tokenizer's chat template (instruct models)
+
+
+@dataclass
+class Generation:
+    texts: list[str]
+    new_tokens: int
+    seconds: float
+    sparsity: dict[str, Any] | None = field(default=None)
+
+
+def _encode(tokenizer: Any, prompts: Sequence[str], chat: bool, device: torch.device) -> dict[str, torch.Tensor]:
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise SkipGPTError("this tokenizer has no chat template; drop --chat")
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                   for p in prompts]
+    tokenizer.padding_side = "left"  # generation continues at the right edge of every row
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=not chat).to(device)
+
+
+def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], cfg: GenerateConfig | None = None) -> Generation:
+    """Complete each prompt; routed models skip for real (argmax routing, KV policy ``keep``)."""
+    cfg = cfg or GenerateConfig()
+    if not prompts or any(not p for p in prompts):
+        raise SkipGPTError("give at least one non-empty prompt")
+    if cfg.max_new_tokens < 1:
+        raise SkipGPTError(f"max_new_tokens must be at least 1, got {cfg.max_new_tokens}")
+    inputs = _encode(tokenizer, prompts, cfg.chat, next(model.parameters()).device)
+    sampling = dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k) if cfg.do_sample else dict(do_sample=False)
+    torch.manual_seed(cfg.seed)
+    meter_ctx = measure_sparsity(model) if has_routers(model) else contextlib.nullcontext()
+    start = time.perf_counter()
+    with torch.no_grad(), meter_ctx as meter:
+        out = model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
+    seconds = time.perf_counter() - start
+    new = out[:, inputs["input_ids"].shape[1]:]
+    return Generation(
+        texts=tokenizer.batch_decode(new, skip_special_tokens=True),
+        new_tokens=int((new != tokenizer.pad_token_id).sum()),
+        seconds=seconds,
+        sparsity=meter.summary() if meter is not None else None,
+    )
