@@ -2,6 +2,7 @@
 
 from .adapters import ADAPTERS, ArchAdapter, get_adapter
 from .config import RouterConfig, TuneConfig
+from .engine import DroppedKVCache
 from .errors import SkipGPTError
 from .generate import GenerateConfig, Generation, generate
 from .surgery import (
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ADAPTERS",
     "ArchAdapter",
+    "DroppedKVCache",
     "GenerateConfig",
     "Generation",
     "RouterConfig",

@@ -23,6 +23,8 @@ class ArchAdapter:
     mlp_norm: str = "post_attention_layernorm"
     attn_post_norm: str | None = None
     mlp_post_norm: str | None = None
+    # Mistral applies its config's sliding window to every layer; the others mark it per layer.
+    window_in_config: bool = False
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers)
@@ -37,6 +39,12 @@ class ArchAdapter:
         return getattr(layer, norm), getattr(layer, module), getattr(layer, post) if post else None
 
 
+    def attention_window(self, attn: nn.Module) -> int | None:
+        """The sliding window of this attention module (None: full causal attention)."""
+        source = attn.config if self.window_in_config else attn
+        return getattr(source, "sliding_window", None) or None
+
+
 _PRE_NORM = ArchAdapter()
 _SANDWICH_NORM = ArchAdapter(
     mlp_norm="pre_feedforward_layernorm",
@@ -46,7 +54,7 @@ _SANDWICH_NORM = ArchAdapter(
 
 ADAPTERS: dict[str, ArchAdapter] = {
     "llama": _PRE_NORM,
-    "mistral": _PRE_NORM,
+    "mistral": ArchAdapter(window_in_config=True),
     "qwen2": _PRE_NORM,
     "qwen3": _PRE_NORM,
     "gemma2": _SANDWICH_NORM,

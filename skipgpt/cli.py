@@ -57,6 +57,9 @@ def _tune_args(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--init", choices=["execute", "importance"], default=RouterConfig.init,
                    help="start from the dense model, or from the static module cut by Block Influence")
     p.add_argument("--init-bias", type=float, default=RouterConfig.init_bias, help="execute-logit bias at init (0: random start)")
+    p.add_argument("--kv-policy", choices=["keep", "drop"], default=RouterConfig.kv_policy,
+                   help="keep: a token skipping attention still writes its keys/values (paper); drop: it writes none "
+                        "at that layer (smaller KV cache at inference; trained with the same masking)")
     p.add_argument("--raw-input", action="store_true", help="feed routers the raw residual stream instead of its RMS-normalised form")
     p.add_argument("--no-calibrate", action="store_true", help="keep argmax threshold 0 instead of calibrating it to the target")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (measure first on CPU)")
@@ -181,7 +184,8 @@ def _tune_config(args: argparse.Namespace) -> tuple[TuneConfig, RouterConfig]:
         loss=args.loss, bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
         save_every=args.save_every, calibrate=not args.no_calibrate,
     )
-    router_cfg = RouterConfig(router=args.router, init=args.init, init_bias=args.init_bias, input_norm=not args.raw_input)
+    router_cfg = RouterConfig(router=args.router, init=args.init, init_bias=args.init_bias, input_norm=not args.raw_input,
+                              kv_policy=args.kv_policy)
     return tune_cfg, router_cfg
 
 

@@ -49,6 +49,10 @@ class RouterConfig(JsonConfig):
     # Inference decision: execute iff logit_execute - logit_skip > threshold. Argmax is 0;
     # calibration moves it so that argmax routing delivers the ratio that was asked for.
     threshold: float = 0.0
+    # What a token that skips attention leaves behind: "keep" (the paper) still writes its keys
+    # and values, so later tokens see it; "drop" writes none at that layer (a smaller KV cache).
+    # Inference must use the policy the routers were trained with, so it is part of this config.
+    kv_policy: Literal["keep", "drop"] = "keep"
     # Filled in by attach_routers; used to refuse loading onto a different base model.
     model_type: str = ""
     hidden_size: int = 0
@@ -60,6 +64,8 @@ class RouterConfig(JsonConfig):
             raise SkipGPTError(f"router must be 'linear' or 'mlp', got {self.router!r}")
         if self.init not in ("execute", "importance"):
             raise SkipGPTError(f"router init must be 'execute' or 'importance', got {self.init!r}")
+        if self.kv_policy not in ("keep", "drop"):
+            raise SkipGPTError(f"kv_policy must be 'keep' or 'drop', got {self.kv_policy!r}")
 
 
 def check_target(target: float) -> float:

@@ -12,9 +12,14 @@ which turns the gate into saved work:
   (padded to the longest in the batch) and attend through the model's own attention kernel
   (SDPA or eager) with the causal/padding mask rows of their own positions.
 
-It works with any Hugging Face cache and therefore with ``model.generate``. Branches in which
-every token executes take the model's own code path unchanged, so "nothing skipped" costs only
-the routers.
+* Attention, KV policy ``drop`` (routers trained with ``--kv-policy drop``): a skipping token
+  writes no keys or values at that layer and no later token attends to it there. Only executing
+  tokens run any of the attention branch, and :class:`DroppedKVCache` stores their keys and
+  values with their positions, so the KV cache shrinks with the skip rate.
+
+``keep`` works with any Hugging Face cache and therefore with ``model.generate``; ``drop`` needs
+:class:`DroppedKVCache` (``skipgpt.generate`` passes one). Branches in which every token
+executes take the model's own code path unchanged, so "nothing skipped" costs only the routers.
 """
 
 from __future__ import annotations
@@ -24,24 +29,72 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .errors import SkipGPTError
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
+KV_POLICIES = ("keep", "drop")
+
+
+class DroppedKVLayer(DynamicLayer):
+    """One layer's keys and values under KV policy ``drop``: executing tokens only, each with its
+    position (cache order) and, for batches, a validity flag (rows keep different numbers)."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        batch = key_states.shape[0]
+        self.positions = torch.zeros(batch, 0, dtype=torch.long, device=self.device)
+        self.valid = torch.zeros(batch, 0, dtype=torch.bool, device=self.device)
+        self.seen = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               positions: torch.Tensor | None = None, valid: torch.Tensor | None = None,
+               new_tokens: int = 0, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if positions is None or valid is None:
+            raise SkipGPTError("DroppedKVCache holds keys for executing tokens only; it serves routers trained with KV policy 'drop'")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys = torch.cat([self.keys.view(*key_states.shape[:2], -1, key_states.shape[-1]), key_states], dim=-2)
+        self.values = torch.cat([self.values.view(*value_states.shape[:2], -1, value_states.shape[-1]), value_states], dim=-2)
+        self.positions = torch.cat([self.positions, positions], dim=1)
+        self.valid = torch.cat([self.valid, valid], dim=1)
+        self.seen += new_tokens
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        """Tokens seen, not stored: what generation and mask sizes count in."""
+        return self.seen if self.is_initialized else 0
+
+
+class DroppedKVCache(DynamicCache):
+    """A cache for KV policy ``drop``: ``model.generate(..., cache=DroppedKVCache())``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer_class_to_replicate = DroppedKVLayer
+
+    def stored_tokens(self) -> int:
+        """Key/value slots held over all layers (batch rows included)."""
+        return sum(layer.keys.shape[0] * layer.keys.shape[2] for layer in self.layers if layer.is_initialized)
 
 
 def skip_branch(
     kind: str, norm: nn.Module, module: nn.Module, post_norm: nn.Module | None,
-    hidden: torch.Tensor, execute: torch.Tensor, kwargs: dict[str, Any],
+    hidden: torch.Tensor, execute: torch.Tensor, kwargs: dict[str, Any], kv_policy: str = "keep",
+    window: int | None = None,
 ) -> torch.Tensor | None:
     """The residual update of one branch, computed for executing tokens only.
 
-    ``execute`` is a bool [B, T]. Returns None where the branch leaves the stream unchanged.
+    ``execute`` is a bool [B, T]; ``window`` the attention's sliding window, if any. Returns None
+    where the branch leaves the stream unchanged.
     """
     if kind == "mlp":
         return _mlp_update(norm, module, post_norm, hidden, execute)
-    return _attention_update(norm, module, post_norm, hidden, execute, kwargs)
+    if kv_policy == "drop":
+        return _attention_update_drop(norm, module, post_norm, hidden, execute, kwargs, window)
+    return _attention_update(norm, module, post_norm, hidden, execute, kwargs, window)
 
 
 def _mlp_update(norm: nn.Module, mlp: nn.Module, post_norm: nn.Module | None,
@@ -64,7 +117,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 def _heads(x: torch.Tensor, head_dim: int, norm: nn.Module | None) -> torch.Tensor:
     """[B, T, H·d] -> [B, H, T, d], with the per-head norm of Qwen3/Gemma3 where present."""
-    x = x.view(*x.shape[:-1], -1, head_dim)
+    x = x.view(*x.shape[:-1], x.shape[-1] // head_dim, head_dim)
     if norm is not None:
         x = norm(x)
     return x.transpose(1, 2)
@@ -82,7 +135,7 @@ def _attention_kernel(attn: nn.Module) -> Any:
 
 
 def _query_mask(attn: nn.Module, mask: torch.Tensor | None, rows: torch.Tensor, positions: torch.Tensor,
-                new_tokens: int, key_len: int, dtype: torch.dtype) -> torch.Tensor:
+                new_tokens: int, key_len: int, dtype: torch.dtype, window: int | None) -> torch.Tensor:
     """Mask rows [R, 1, Tq, Tk] for the gathered queries: the model's own rows where it built
     a mask, otherwise causal (and sliding-window) in cache order."""
     if mask is not None:
@@ -91,17 +144,96 @@ def _query_mask(attn: nn.Module, mask: torch.Tensor | None, rows: torch.Tensor, 
     query_at = key_len - new_tokens + positions  # the current tokens are the last keys
     keys = torch.arange(key_len, device=positions.device)
     allowed = keys <= query_at[..., None]
-    window = getattr(attn, "sliding_window", None)
     if window:
         allowed &= keys > query_at[..., None] - window
-    allowed = allowed[:, None]
+    return _kernel_mask(attn, allowed[:, None], dtype)
+
+
+def _packed(execute: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's executing positions first, in order, padded with its first one: ([R, W], valid [R, W])."""
+    counts = execute.sum(1)
+    width = int(counts.max()) if counts.numel() else 0
+    positions = torch.argsort((~execute).to(torch.int8), dim=1, stable=True)[:, :width]
+    valid = torch.arange(width, device=execute.device) < counts[:, None]
+    return torch.where(valid, positions, positions[:, :1]), valid
+
+
+def _kernel_mask(attn: nn.Module, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool "may attend" mask in the form the model's attention kernel takes."""
     if attn.config._attn_implementation == "eager":  # additive mask
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
     return allowed
 
 
+def drop_policy_mask(attn: nn.Module, mask: torch.Tensor | None, execute: torch.Tensor, dtype: torch.dtype,
+                     window: int | None) -> torch.Tensor:
+    """Training-side (masked) KV policy ``drop`` for one layer without a cache: queries see only
+    keys of tokens executing this attention. Each token keeps its own key so that no row is
+    empty; a skipping token's output is multiplied by its zero gate. The mask is not
+    differentiable: routers learn from their own token's gated output, as in D-LLM."""
+    batch, tokens = execute.shape
+    if mask is None:
+        keys = torch.arange(tokens, device=execute.device)
+        allowed = keys[None, :] <= keys[:, None]
+        if window:
+            allowed &= keys[None, :] > keys[:, None] - window
+        allowed = allowed.expand(batch, 1, tokens, tokens)
+    else:
+        allowed = mask.bool() if mask.dtype == torch.bool else mask == 0
+        allowed = allowed.expand(batch, -1, -1, -1)
+    if allowed.shape[-1] != tokens:
+        raise SkipGPTError("the masked computation of KV policy 'drop' runs without a KV cache (use_cache=False); "
+                           "generation with 'drop' uses the skipping path and DroppedKVCache")
+    self_key = torch.eye(tokens, dtype=torch.bool, device=execute.device)
+    return _kernel_mask(attn, allowed & (execute[:, None, None, :] | self_key), dtype)
+
+
+def _attention_update_drop(norm: nn.Module, attn: nn.Module, post_norm: nn.Module | None,
+                           hidden: torch.Tensor, execute: torch.Tensor, kwargs: dict[str, Any],
+                           window: int | None) -> torch.Tensor | None:
+    batch, new_tokens, _ = hidden.shape
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is not None and not isinstance(cache, DroppedKVCache):
+        raise SkipGPTError("these routers use KV policy 'drop', which stores keys for executing tokens only: pass "
+                           "cache=skipgpt.DroppedKVCache() (skipgpt.generate does this for you)")
+    past = cache.get_seq_length(attn.layer_idx) if cache is not None else 0
+    positions, valid = _packed(execute)  # [B, W]: the executing tokens are both the queries and the new keys
+    rows = torch.arange(batch, device=hidden.device)[:, None]
+    x = norm(hidden[rows, positions])
+    cos, sin = kwargs["position_embeddings"]
+    cos, sin = cos.expand(batch, -1, -1)[rows, positions][:, None], sin.expand(batch, -1, -1)[rows, positions][:, None]
+    head_dim = attn.head_dim
+    keys = _rotate(_heads(attn.k_proj(x), head_dim, getattr(attn, "k_norm", None)), cos, sin)
+    values = _heads(attn.v_proj(x), head_dim, None)
+    at = past + positions
+    if cache is not None:
+        keys, values = cache.update(keys, values, attn.layer_idx, positions=at, valid=valid, new_tokens=new_tokens)
+        key_at, key_valid = cache.layers[attn.layer_idx].positions, cache.layers[attn.layer_idx].valid
+    else:
+        key_at, key_valid = at, valid
+    if not bool(valid.any()):
+        return None
+    queries = _rotate(_heads(attn.q_proj(x), head_dim, getattr(attn, "q_norm", None)), cos, sin)
+    allowed = key_valid[:, None, :] & (key_at[:, None, :] <= at[:, :, None])
+    if window:
+        allowed &= key_at[:, None, :] > at[:, :, None] - window
+    allowed |= ~valid[:, :, None]  # padding query slots: any finite row, their output is dropped
+    extra = {"sliding_window": window} if window else {}
+    if getattr(attn, "attn_logit_softcapping", None) is not None:
+        extra["softcap"] = attn.attn_logit_softcapping
+    out, _ = _attention_kernel(attn)(attn, queries, keys, values, _kernel_mask(attn, allowed[:, None], queries.dtype),
+                                     dropout=0.0, scaling=attn.scaling, **extra)
+    out = attn.o_proj(out.reshape(*positions.shape, -1)[valid])
+    if post_norm is not None:
+        out = post_norm(out)
+    update = torch.zeros_like(hidden)
+    update[rows.expand_as(positions)[valid], positions[valid]] = out.to(hidden.dtype)
+    return update
+
+
 def _attention_update(norm: nn.Module, attn: nn.Module, post_norm: nn.Module | None,
-                      hidden: torch.Tensor, execute: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor | None:
+                      hidden: torch.Tensor, execute: torch.Tensor, kwargs: dict[str, Any],
+                      window: int | None) -> torch.Tensor | None:
     batch, new_tokens, _ = hidden.shape
     head_dim = attn.head_dim
     x = norm(hidden)
@@ -116,19 +248,14 @@ def _attention_update(norm: nn.Module, attn: nn.Module, post_norm: nn.Module | N
     rows = execute.any(1).nonzero().squeeze(1)
     if rows.numel() == 0:
         return None
-    # Each sequence's executing positions first (stable), padded with its first one.
-    counts = execute[rows].sum(1)
-    width = int(counts.max())
-    positions = torch.argsort((~execute[rows]).to(torch.int8), dim=1, stable=True)[:, :width]
-    valid = torch.arange(width, device=hidden.device) < counts[:, None]
-    positions = torch.where(valid, positions, positions[:, :1])
+    positions, valid = _packed(execute[rows])
     take = lambda t: t[rows[:, None], positions]  # noqa: E731  [B, T, ...] -> [R, Tq, ...]
     queries = _rotate(_heads(attn.q_proj(take(x)), head_dim, getattr(attn, "q_norm", None)),
                       take(cos)[:, None], take(sin)[:, None])
     if rows.numel() < batch:
         keys, values = keys[rows], values[rows]
-    mask = _query_mask(attn, kwargs.get("attention_mask"), rows, positions, new_tokens, keys.shape[2], queries.dtype)
-    extra = {"sliding_window": attn.sliding_window} if getattr(attn, "sliding_window", None) else {}
+    mask = _query_mask(attn, kwargs.get("attention_mask"), rows, positions, new_tokens, keys.shape[2], queries.dtype, window)
+    extra = {"sliding_window": window} if window else {}
     if getattr(attn, "attn_logit_softcapping", None) is not None:
         extra["softcap"] = attn.attn_logit_softcapping
     out, _ = _attention_kernel(attn)(attn, queries, keys, values, mask, dropout=0.0, scaling=attn.scaling, **extra)

@@ -34,6 +34,7 @@ class Router(nn.Module):
             last = self.net[-1]
         with torch.no_grad():
             last.bias.copy_(torch.tensor([0.0, config.init_bias]))
+        self._difference: tuple[tuple[int, ...], torch.Tensor, float] | None = None
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
         """``model.to(torch.bfloat16)`` moves routers with the model but leaves them float32."""
@@ -50,6 +51,29 @@ class Router(nn.Module):
             # magnitude with depth, which would otherwise need one learning rate per layer.
             x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
         return self.net(x)
+
+
+    def execute(self, hidden: torch.Tensor, threshold: float) -> torch.Tensor:
+        """Argmax decision ``margin > threshold`` as a bool [..], at a fraction of the cost.
+
+        At decode time a router runs once per module per token, so its handful of tiny kernels
+        are what "nothing skipped" costs over the dense model. For a linear router the margin
+        is ``x̂·(w₁ − w₀) + (b₁ − b₀)``, so the decision is ``x·Δw > (threshold − Δb)·rms(x)``:
+        one dot product, one norm, one comparison.
+        """
+        if not isinstance(self.net, nn.Linear):
+            return margin(self(hidden)) > threshold
+        weight, bias = self.net.weight, self.net.bias
+        key = (weight._version, bias._version, weight.data_ptr(), bias.data_ptr())
+        if self._difference is None or self._difference[0] != key:  # weights changed since last use
+            self._difference = (key, (weight[1] - weight[0]).detach()[:, None], float(bias[1] - bias[0]))
+        _, dw, db = self._difference
+        x = hidden if hidden.dtype == torch.float32 else hidden.float()
+        score = (x @ dw).squeeze(-1)
+        if not self.input_norm:
+            return score > threshold - db
+        # rms(x) = ‖x‖ / √d; the norm's ε (1e-6 against mean squares of order 1) is left out here.
+        return score > torch.linalg.vector_norm(x, dim=-1) * ((threshold - db) / x.shape[-1] ** 0.5)
 
 
 def margin(logits: torch.Tensor) -> torch.Tensor:

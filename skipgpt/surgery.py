@@ -19,10 +19,11 @@ import torch
 import torch.utils.checkpoint
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import DynamicCache
 
 from .adapters import ArchAdapter, get_adapter
 from .config import RouterConfig
-from .engine import skip_branch
+from .engine import DroppedKVCache, drop_policy_mask, skip_branch
 from .errors import SkipGPTError
 from .routers import GATE_MODES, GateMode, Router, execute_gate, margin
 from .sparsity import SparsityMeter, SparsityStats, gate_stats
@@ -55,6 +56,10 @@ class RoutingState:
         self.observers: list[Callable[[int, torch.Tensor, torch.Tensor], None]] = []
         self.hooks: list[Any] = []
 
+    def skipping(self) -> bool:
+        """Whether skipped modules are really not computed: at inference, not in training."""
+        return self.skip_compute and self.mode != "gumbel" and not torch.is_grad_enabled()
+
     @property
     def num_modules(self) -> int:
         return len(self.module_params)
@@ -66,6 +71,8 @@ class RoutingState:
             if self.fixed_gates is None:
                 raise SkipGPTError("gate mode 'fixed' needs gates: set_gate_mode(model, 'fixed', gates=...)")
             gate = self.fixed_gates[index].to(hidden.device, torch.float32).expand(hidden.shape[:-1])
+        elif self.mode == "argmax" and self.margin_log is None and not torch.is_grad_enabled():
+            gate = router.execute(hidden, self.config.threshold)  # bool, the inference fast path
         else:
             logits = router(hidden)
             gate = execute_gate(logits, self.mode, self.tau, self.config.threshold)
@@ -78,7 +85,7 @@ class RoutingState:
     def stacked_gates(self) -> torch.Tensor:
         if any(g is None for g in self.gates):
             raise SkipGPTError("no routed forward pass has run yet")
-        return torch.stack(self.gates)  # type: ignore[arg-type]
+        return torch.stack([g.float() if g.dtype == torch.bool else g for g in self.gates])  # type: ignore[union-attr]
 
     def last_stats(self) -> SparsityStats:
         """Sparsity of the last forward pass, differentiable through the gates."""
@@ -100,19 +107,26 @@ def _routed_layer_forward(self: nn.Module, hidden_states: torch.Tensor, **kwargs
 
 def _routed_layer_body(self: nn.Module, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     state: RoutingState = self.skipgpt_state
-    sparse = state.skip_compute and state.mode != "gumbel" and not torch.is_grad_enabled()
+    sparse = state.skipping()
     for offset, kind in enumerate(KINDS):
         index = 2 * self.skipgpt_index + offset
         norm, module, post_norm = state.adapter.branch(self, kind)
         gate = state.decide(self.skip_routers[kind], hidden_states, index)
-        execute = gate > 0 if sparse else None
+        execute = (gate if gate.dtype == torch.bool else gate > 0) if sparse else None
         if execute is not None and state.token_mask is not None:
-            execute &= state.token_mask  # padding runs nothing
-        if execute is not None and not bool(execute.all()):
-            update = skip_branch(kind, norm, module, post_norm, hidden_states, execute, kwargs)
+            execute = execute & state.token_mask  # padding runs nothing
+        drop = kind == "attn" and state.config.kv_policy == "drop"
+        if execute is not None and (drop or not bool(execute.all() if execute.numel() > 1 else execute)):
+            window = state.adapter.attention_window(module) if kind == "attn" else None
+            update = skip_branch(kind, norm, module, post_norm, hidden_states, execute, kwargs, state.config.kv_policy, window)
         else:
             out = norm(hidden_states)
-            out = module(hidden_states=out, **kwargs)[0] if kind == "attn" else module(out)
+            if drop:  # the masked computation of "drop": keys of skipping tokens are hidden
+                mask = drop_policy_mask(module, kwargs.get("attention_mask"), gate.detach() > 0.5, out.dtype,
+                                        state.adapter.attention_window(module))
+                out = module(hidden_states=out, **{**kwargs, "attention_mask": mask})[0]
+            else:
+                out = module(hidden_states=out, **kwargs)[0] if kind == "attn" else module(out)
             if post_norm is not None:
                 out = post_norm(out)
             update = out if execute is not None else gate.unsqueeze(-1).to(out.dtype) * out
@@ -125,14 +139,22 @@ def _routed_layer_body(self: nn.Module, hidden_states: torch.Tensor, **kwargs: A
     return hidden_states
 
 
-def _before_model_forward(state: RoutingState, args: tuple, kwargs: dict) -> None:
-    """Record which tokens are real: padding must not count towards sparsity."""
+def _before_model_forward(state: RoutingState, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Record which tokens are real (padding must not count towards sparsity), and give KV
+    policy "drop" its cache in place of the empty one transformers or ``generate`` would use."""
     ids = kwargs.get("input_ids", args[0] if args else None)
     if ids is None:
         ids = kwargs.get("inputs_embeds")
     mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-    state.token_mask = None if mask is None or ids is None else mask[:, -ids.shape[1] :].bool()
+    real = None if mask is None or ids is None else mask[:, -ids.shape[1] :].bool()
+    state.token_mask = None if real is None or bool(real.all()) else real  # None: every token is real
     state.gates = [None] * state.num_modules
+    if state.config.kv_policy == "drop" and state.skipping() and kwargs.get("use_cache", True) is not False:
+        name = "past_key_values" if "past_key_values" in kwargs else "cache"
+        cache = kwargs.get(name)
+        if cache is None or (type(cache) is DynamicCache and cache.get_seq_length() == 0):
+            return args, {**kwargs, name: DroppedKVCache()}
+    return None
 
 
 def _after_model_forward(state: RoutingState) -> None:

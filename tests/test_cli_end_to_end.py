@@ -105,3 +105,13 @@ def test_generate_skipping_equals_masked_and_reports_sparsity(workspace, tmp_pat
     assert 0.0 < skip["sparsity"]["module_sparsity"] < 1.0
     assert "parameter ratio skipped" in capsys.readouterr().out
     assert main(["generate", "--model", str(workspace / "model")]) == 2  # no prompt: clear error
+
+
+def test_tune_with_kv_policy_drop_records_it_and_generates(workspace, tmp_path):
+    out = tmp_path / "drop"
+    assert main(["tune", "--model", str(workspace / "model"), "--data", str(workspace / "train.txt"), *TUNE,
+                 "--kv-policy", "drop", "--out", str(out)]) == 0
+    assert json.loads((out / "router_config.json").read_text())["router"]["kv_policy"] == "drop"
+    assert main(["generate", "--model", str(workspace / "model"), "--routers", str(out), "--prompt", "the cat",
+                 "--max-new-tokens", "4", "--json", str(tmp_path / "g.json")]) == 0
+    assert json.loads((tmp_path / "g.json").read_text())["new_tokens"] > 0

@@ -39,10 +39,12 @@ def logits_both_ways(model, ids, mask):
     return out[True], out[False]
 
 
+@pytest.mark.parametrize("padded", [True, False])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_prefill_equals_masked_dense_with_padding(arch, attn):
+def test_prefill_equals_masked_dense(arch, attn, padded):
     model = routed(arch, attn)
-    ids, mask = left_padded()
+    ids, mask = left_padded()  # 24 tokens: longer than the sliding windows (16) of Mistral and Gemma
+    mask = mask if padded else torch.ones_like(mask)
     skipped, masked = logits_both_ways(model, ids, mask)
     real = mask.bool()
     assert torch.allclose(skipped[real], masked[real], atol=1e-5, rtol=1e-4)
@@ -99,3 +101,97 @@ def test_bf16_skipping_matches_masked_within_bf16_precision():
     real = mask.bool()
     assert torch.equal(skipped[real].argmax(-1), masked[real].argmax(-1)) or torch.allclose(
         skipped[real].float(), masked[real].float(), atol=0.1)
+
+
+def drop_routed(arch: str, attn: str = "eager"):
+    model = routed(arch, attn)
+    routing_state(model).config.kv_policy = "drop"
+    return model
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_drop_policy_skipping_equals_its_masked_training_computation(arch, attn):
+    model = drop_routed(arch, attn)
+    ids, mask = left_padded()
+    skipped, masked = logits_both_ways(model, ids, mask)
+    real = mask.bool()
+    assert torch.allclose(skipped[real], masked[real], atol=1e-5, rtol=1e-4)
+    keep = routed(arch, attn)
+    with torch.no_grad():
+        assert not torch.allclose(keep(input_ids=ids, attention_mask=mask).logits[real], masked[real], atol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_drop_policy_decoding_with_its_cache_matches_the_full_sequence(arch):
+    """What training computes over a whole sequence is what cached decoding computes token by token."""
+    from skipgpt import DroppedKVCache
+
+    model = drop_routed(arch, "sdpa")
+    ids = torch.randint(3, 128, (2, 20), generator=torch.Generator().manual_seed(3))
+    state = routing_state(model)
+    state.skip_compute = False
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        state.skip_compute = True
+        cache = DroppedKVCache()
+        steps = [model(input_ids=ids[:, :8], cache=cache, use_cache=True).logits]
+        attn_executed = state.stacked_gates()[0::2].sum()
+        for t in range(8, 20):
+            steps.append(model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True).logits)
+            attn_executed += state.stacked_gates()[0::2].sum()
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-4)
+    assert cache.get_seq_length() == 20
+    # Batch rows share slots: a step stores max over rows, so the cache holds at least the executed
+    # keys and, for this mixed routing, clearly less than keep's 2 x 20 per layer.
+    layers = model.config.num_hidden_layers
+    assert int(attn_executed) <= cache.stored_tokens() < 2 * 20 * layers
+
+
+def test_drop_policy_brings_its_own_cache_and_refuses_a_filled_plain_one():
+    from transformers import DynamicCache
+
+    from skipgpt import DroppedKVCache, SkipGPTError
+
+    model = drop_routed("llama", "sdpa")
+    ids = torch.randint(3, 128, (1, 6))
+    with torch.no_grad():
+        assert isinstance(model(input_ids=ids, cache=DynamicCache(), use_cache=True).cache, DroppedKVCache)
+        routing_state(model).config.kv_policy = "keep"
+        filled = model(input_ids=ids, cache=DynamicCache(), use_cache=True).cache
+        routing_state(model).config.kv_policy = "drop"
+        with pytest.raises(SkipGPTError, match="DroppedKVCache"):
+            model(input_ids=ids[:, :1], cache=filled, use_cache=True)
+
+
+def test_drop_policy_trains_with_gumbel_gates():
+    from skipgpt import set_gate_mode
+    from skipgpt.surgery import router_parameters
+
+    model = drop_routed("llama")
+    set_gate_mode(model, "gumbel", tau=1.0)
+    model(input_ids=torch.randint(3, 128, (2, 16))).logits.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in router_parameters(model))
+
+
+def test_drop_policy_generation_equals_greedy_recomputation_without_cache():
+    model = drop_routed("llama", "sdpa")
+    ids, mask = left_padded(batch=2, length=10)
+    with torch.no_grad():
+        cached = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        seq, m = ids, mask
+        routing_state(model).skip_compute = False  # the masked training computation, whole sequence each step
+        for _ in range(8):
+            positions = (m.cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=seq, attention_mask=m, position_ids=positions, use_cache=False).logits[:, -1]
+            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
+            m = torch.cat([m, torch.ones_like(m[:, :1])], dim=1)
+    assert torch.equal(cached, seq)
+
+
+def test_generate_api_refuses_empty_prompts_and_no_tokens():
+    from skipgpt import GenerateConfig, SkipGPTError, generate
+
+    with pytest.raises(SkipGPTError):
+        generate(routed("llama"), None, [], GenerateConfig())
+    with pytest.raises(SkipGPTError):
+        generate(routed("llama"), None, ["hi"], GenerateConfig(max_new_tokens=0))

@@ -74,7 +74,7 @@ def test_saved_files_describe_the_routers(tmp_path, kind):
     assert config["format"] == "skipgpt-routers" and config["version"] == 1
     assert config["training"] == {"steps": 7}
     assert config["router"] | {"base_model": ""} == {
-        "router": kind, "input_norm": True, "init": "execute", "init_bias": 0.0, "threshold": 0.25,
+        "router": kind, "input_norm": True, "init": "execute", "init_bias": 0.0, "threshold": 0.25, "kv_policy": "keep",
         "model_type": "llama", "hidden_size": 32, "num_layers": 3, "base_model": "",
     }
     tensors = load_file(str(tmp_path / "routers.safetensors"))

@@ -214,6 +214,22 @@ def test_router_options(kind, input_norm):
     assert all(p.grad is not None for p in router_parameters(model))
 
 
+@pytest.mark.parametrize("input_norm", [True, False])
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_fast_argmax_decision_equals_the_margin_rule_and_follows_weight_updates(kind, input_norm):
+    router = Router(32, RouterConfig(router=kind, input_norm=input_norm, init_bias=0.0))
+    x = 5.0 * torch.randn(4, 50, 32, generator=torch.Generator().manual_seed(0))
+    for threshold in (-0.5, 0.0, 0.3, float("-inf")):
+        with torch.no_grad():
+            assert torch.equal(router.execute(x, threshold), margin(router(x)) > threshold)
+    with torch.no_grad():
+        before = router.execute(x, 0.0)
+        for p in router.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))  # an optimizer step, in place
+        assert torch.equal(router.execute(x, 0.0), margin(router(x)) > 0.0)
+        assert not torch.equal(before, router.execute(x, 0.0))
+
+
 def test_routers_compute_in_float32_for_a_bf16_model():
     model = tiny_model("llama").to(torch.bfloat16)
     attach_routers(model, RouterConfig(init_bias=0.0))

@@ -1,0 +1,79 @@
+"""What a forward pass costs, module by module: the yardstick for "ideal" speedups.
+
+A benchmark's speedup means little without the speedup that the skipped work allows. This
+counts multiply-accumulate FLOPs per token from the routing decisions of a run:
+
+* attention, KV policy ``keep``: keys and values are always computed; queries, the attention
+  core (QKᵀ and PV over the keys the query sees) and the output projection only when executed;
+* MLP: all of it, only when executed;
+* the LM head for every position whose logits are computed.
+
+Norms, routers, rotary embeddings and the embedding lookup are left out (they are small, and
+the "nothing skipped" overhead is measured directly instead).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden: int
+    intermediate: int
+    q_dim: int
+    kv_dim: int
+    vocab: int
+    layers: int
+
+    @classmethod
+    def from_config(cls, config) -> "ModelShape":
+        c = config.get_text_config()
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return cls(c.hidden_size, c.intermediate_size, c.num_attention_heads * head_dim,
+                   c.num_key_value_heads * head_dim, c.vocab_size, c.num_hidden_layers)
+
+    def kv_bytes(self, tokens_per_layer: torch.Tensor | float, element_bytes: int) -> float:
+        """KV-cache bytes for the given number of cached tokens (summed over layers, or per layer)."""
+        total = tokens_per_layer.sum().item() if isinstance(tokens_per_layer, torch.Tensor) else tokens_per_layer * self.layers
+        return 2.0 * total * self.kv_dim * element_bytes
+
+
+@dataclass
+class FlopCount:
+    """Dense and executed FLOPs, accumulated over forwards."""
+
+    dense: float = 0.0
+    executed: float = 0.0
+
+    @property
+    def executed_fraction(self) -> float:
+        return self.executed / self.dense if self.dense else 1.0
+
+    @property
+    def ideal_speedup(self) -> float:
+        return self.dense / self.executed if self.executed else float("inf")
+
+    def add(self, shape: ModelShape, context: torch.Tensor, token_mask: torch.Tensor,
+            gates: torch.Tensor | None, logits_tokens: int) -> None:
+        """One forward: ``context`` [B, T] keys each query sees, ``token_mask`` [B, T] real tokens,
+        ``gates`` [2L, B, T] execute decisions (None: dense), ``logits_tokens`` LM-head positions."""
+        real = token_mask.to(torch.float64)
+        ctx = (context.to(torch.float64) * real)
+        n = real.sum().item()
+        kv = 2 * 2 * shape.hidden * shape.kv_dim
+        qo = 2 * 2 * shape.hidden * shape.q_dim
+        core = 2 * 2 * shape.q_dim  # per key seen
+        mlp = 2 * 3 * shape.hidden * shape.intermediate
+        head = 2.0 * shape.hidden * shape.vocab * logits_tokens
+        per_layer_dense = n * (kv + qo + mlp) + core * ctx.sum().item()
+        self.dense += shape.layers * per_layer_dense + head
+        if gates is None:
+            self.executed += shape.layers * per_layer_dense + head
+            return
+        g = gates.to(torch.float64) * real
+        attn, ffn = g[0::2], g[1::2]
+        self.executed += (shape.layers * n * kv + qo * attn.sum().item() + core * (attn * ctx).sum().item()
+                          + mlp * ffn.sum().item() + head)
