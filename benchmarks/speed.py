@@ -11,12 +11,14 @@ Every configuration runs on the same model object, interleaved round-robin over 
 * decode: ``--new-tokens`` greedy steps on that cache, one token per sequence per step;
 * ideal: dense FLOPs / executed FLOPs counted from the routing decisions of the same run
   (skipgpt.cost); efficiency = measured speedup / ideal;
-* KV cache: bytes under policy ``keep`` (what this engine stores, = dense) and what policy
-  ``drop`` would store with the same decisions (keys/values only for tokens executing attention).
+* KV cache: bytes the cache holds after the last step, measured on the cache object: policy
+  ``keep`` stores every token (as dense), ``drop`` only tokens that executed attention (batch rows
+  share slots, so batches save less than single sequences).
 
 Routing is either a trained router set (``--routers``, labelled "trained") or synthetic: random
 per-token routers whose biases are set so that every module skips the same fraction of tokens
-(labelled "synthetic"): speed depends on how many tokens skip, not on which.
+(labelled "synthetic"): speed depends on how many tokens skip, not on which. Synthetic rows run
+under each of ``--kv-policies``.
 """
 
 from __future__ import annotations
@@ -102,21 +104,21 @@ def synthetic_routers(model: torch.nn.Module, skip: float, calib: torch.Tensor) 
 class Config:
     """One benchmarked configuration: how to put routing on (and take it off) the model."""
 
-    def __init__(self, name: str, routing: str, apply: Callable[[torch.nn.Module], None]):
-        self.name, self.routing, self.apply = name, routing, apply
+    def __init__(self, name: str, routing: str, apply: Callable[[torch.nn.Module], None], policy: str = "keep"):
+        self.name, self.routing, self.apply, self.policy = name, routing, apply, policy
+        self.kv_bytes = 0
         self.prefill_s: list[float] = []
         self.decode_s: list[float] = []
         self.prefill_flops = FlopCount()
         self.decode_flops = FlopCount()
         self.param_ratio: float | None = None
         self.peak_mib: float | None = None
-        self.attn_tokens_per_layer: torch.Tensor | None = None
 
 
 def make_configs(model: torch.nn.Module, args: argparse.Namespace, calib: torch.Tensor) -> list[Config]:
-    def with_weights(weights: dict[str, torch.Tensor], threshold: float, config: RouterConfig) -> Callable:
+    def with_weights(weights: dict[str, torch.Tensor], threshold: float, config: RouterConfig, policy: str = "keep") -> Callable:
         def apply(m: torch.nn.Module) -> None:
-            attach_routers(m, config)
+            attach_routers(m, RouterConfig.from_dict({**config.to_dict(), "kv_policy": policy}))
             load_routers_state_dict(m, weights)
             routing_state(m).config.threshold = threshold
         return apply
@@ -129,11 +131,14 @@ def make_configs(model: torch.nn.Module, args: argparse.Namespace, calib: torch.
     if args.routers:
         load_routers(model, args.routers)
         state = routing_state(model)
-        trained = (routers_state_dict(model), state.config.threshold, state.config)
+        weights, threshold, config = routers_state_dict(model), state.config.threshold, state.config
         detach_routers(model)
-        configs.append(Config(f"trained ({Path(args.routers).name})", "trained", with_weights(*trained)))
+        configs.append(Config(f"trained ({Path(args.routers).name})", "trained",
+                              with_weights(weights, threshold, config, config.kv_policy), config.kv_policy))
     for ratio in args.ratios:
-        configs.append(Config(f"skip {ratio:.2f}", "synthetic", with_weights(synthetic_routers(model, ratio, calib), 0.0, synth_config)))
+        weights = synthetic_routers(model, ratio, calib)
+        for policy in args.kv_policies:
+            configs.append(Config(f"skip {ratio:.2f}", "synthetic", with_weights(weights, 0.0, synth_config, policy), policy))
     return configs
 
 
@@ -148,27 +153,25 @@ def run_once(model: torch.nn.Module, cfg: Config, ids: torch.Tensor, new_tokens:
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     batch, length = ids.shape
     mask = torch.ones_like(ids)
-    cache = DynamicCache(config=model.config)
-    attn_tokens = torch.zeros(shape.layers, dtype=torch.float64)
+    stored: list[torch.Tensor | None] = [None]  # keys per layer under "drop", for the cost model
 
     def account(flops: FlopCount, tokens: int, context_start: int) -> None:
         context = torch.arange(context_start + 1, context_start + tokens + 1).expand(batch, tokens)
         gates = routing_state(model).stacked_gates().cpu() if routed else None
-        flops.add(shape, context, torch.ones(batch, tokens, dtype=torch.bool), gates, logits_tokens=batch)
-        if gates is not None:
-            attn_tokens.add_(gates[0::2].double().sum((1, 2)))
-        else:
-            attn_tokens.add_(batch * tokens)
+        stored[0] = flops.add(shape, context, torch.ones(batch, tokens, dtype=torch.bool), gates, logits_tokens=batch,
+                              kv_policy=cfg.policy, keys_before=stored[0])
 
     meter = measure_sparsity(model) if routed else contextlib.nullcontext()
     with torch.no_grad(), meter as sparsity:
         _sync(device)
         start = time.perf_counter()
-        out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **{cache_kw: cache})
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1,
+                    **{cache_kw: DynamicCache(config=model.config)})  # "drop" routers swap in their own cache
         _sync(device)
         prefill = time.perf_counter() - start
         if record:
             account(cfg.prefill_flops, length, 0)
+        cache = getattr(out, cache_kw)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         decode = 0.0
         for step in range(new_tokens):
@@ -184,7 +187,8 @@ def run_once(model: torch.nn.Module, cfg: Config, ids: torch.Tensor, new_tokens:
     if record:
         cfg.prefill_s.append(prefill)
         cfg.decode_s.append(decode)
-        cfg.attn_tokens_per_layer = attn_tokens
+        cfg.kv_bytes = sum((layer.keys.numel() + layer.values.numel()) * layer.keys.element_size()
+                           for layer in cache.layers if layer.is_initialized)
         cfg.param_ratio = sparsity.summary()["param_ratio"] if routed else None
 
 
@@ -201,17 +205,13 @@ def bench_cell(model: torch.nn.Module, configs: list[Config], ids: torch.Tensor,
             if hasattr(model, "skipgpt_state"):
                 detach_routers(model)
     batch, length = ids.shape
-    shape = ModelShape.from_config(model.config)
-    element = torch.finfo(DTYPES[args.dtype]).bits // 8
     base_prefill = statistics.median(configs[0].prefill_s)
     base_decode = statistics.median(configs[0].decode_s)
     rows = []
     for cfg in configs:
         prefill, decode = statistics.median(cfg.prefill_s), statistics.median(cfg.decode_s)
-        cached = length + args.new_tokens
-        per_token_attn = cfg.attn_tokens_per_layer / (batch * cached)  # fraction of tokens executing attention
         rows.append({
-            "config": cfg.name, "routing": cfg.routing, "batch": batch, "prompt": length, "new_tokens": args.new_tokens,
+            "config": cfg.name, "routing": cfg.routing, "kv_policy": cfg.policy, "batch": batch, "prompt": length, "new_tokens": args.new_tokens,
             "prefill_tokens_per_s": batch * length / prefill, "prefill_speedup": base_prefill / prefill,
             "prefill_ideal": cfg.prefill_flops.ideal_speedup,
             "decode_tokens_per_s": batch * args.new_tokens / decode, "decode_speedup": base_decode / decode,
@@ -219,8 +219,7 @@ def bench_cell(model: torch.nn.Module, configs: list[Config], ids: torch.Tensor,
             "param_ratio": cfg.param_ratio,
             "skipped_compute_prefill": 1 - cfg.prefill_flops.executed_fraction,
             "skipped_compute_decode": 1 - cfg.decode_flops.executed_fraction,
-            "kv_mib_keep": shape.kv_bytes(float(batch * cached), element) / 2**20,
-            "kv_mib_drop": shape.kv_bytes(per_token_attn * batch * cached, element) / 2**20,
+            "kv_mib": cfg.kv_bytes / 2**20,
             "peak_mib": cfg.peak_mib,
             "prefill_s": cfg.prefill_s, "decode_s": cfg.decode_s,
         })
@@ -239,6 +238,7 @@ def main() -> None:
     p.add_argument("--routers", help="a trained router set for --model (adds a 'trained' row)")
     p.add_argument("--text-file", help="prompt text (default: random token ids)")
     p.add_argument("--ratios", default="0.25,0.40,0.60", help="synthetic skip fractions per module")
+    p.add_argument("--kv-policies", default="keep,drop", help="KV policies of the synthetic rows")
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--prompt-lens", default="128,1024")
     p.add_argument("--new-tokens", type=int, default=64)
@@ -247,6 +247,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/bench")
     args = p.parse_args()
     args.ratios = [float(r) for r in args.ratios.split(",") if r]
+    args.kv_policies = [k for k in args.kv_policies.split(",") if k]
     if args.threads:
         torch.set_num_threads(args.threads)
     model = build_model(args)
@@ -258,13 +259,13 @@ def main() -> None:
         for length in (int(n) for n in args.prompt_lens.split(",")):
             print(f"batch {batch}, prompt {length} ...", file=sys.stderr, flush=True)
             rows += bench_cell(model, configs, prompt_ids(model, args, batch, length), args)
-    headers = ["batch", "prompt", "config", "routing", "param ratio", "skipped compute", "prefill tok/s", "speedup", "ideal", "eff.",
-               "decode tok/s", "speedup", "ideal", "eff.", "KV MiB keep", "KV MiB drop", "peak MiB"]
-    lines = [(r["batch"], r["prompt"], r["config"], r["routing"], "-" if r["param_ratio"] is None else f"{r['param_ratio']:.1%}",
+    headers = ["batch", "prompt", "config", "routing", "KV policy", "param ratio", "skipped compute", "prefill tok/s", "speedup", "ideal", "eff.",
+               "decode tok/s", "speedup", "ideal", "eff.", "KV cache MiB", "peak MiB"]
+    lines = [(r["batch"], r["prompt"], r["config"], r["routing"], r["kv_policy"], "-" if r["param_ratio"] is None else f"{r['param_ratio']:.1%}",
               f"{r['skipped_compute_prefill']:.1%}",
               f"{r['prefill_tokens_per_s']:.0f}", f"{r['prefill_speedup']:.2f}", f"{r['prefill_ideal']:.2f}",
               f"{r['prefill_efficiency']:.2f}", f"{r['decode_tokens_per_s']:.1f}", f"{r['decode_speedup']:.2f}",
-              f"{r['decode_ideal']:.2f}", f"{r['decode_efficiency']:.2f}", f"{r['kv_mib_keep']:.1f}", f"{r['kv_mib_drop']:.1f}",
+              f"{r['decode_ideal']:.2f}", f"{r['decode_efficiency']:.2f}", f"{r['kv_mib']:.1f}",
               "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}")
              for r in rows]
     title = f"{args.shape or args.model}, {args.dtype}, {device_name}, {args.new_tokens} new tokens, median of {args.reps}"

@@ -5,6 +5,8 @@ counts multiply-accumulate FLOPs per token from the routing decisions of a run:
 
 * attention, KV policy ``keep``: keys and values are always computed; queries, the attention
   core (QKᵀ and PV over the keys the query sees) and the output projection only when executed;
+  KV policy ``drop``: nothing for a skipping token, and a query sees only the keys of tokens
+  that executed that layer's attention;
 * MLP: all of it, only when executed;
 * the LM head for every position whose logits are computed.
 
@@ -35,11 +37,6 @@ class ModelShape:
         return cls(c.hidden_size, c.intermediate_size, c.num_attention_heads * head_dim,
                    c.num_key_value_heads * head_dim, c.vocab_size, c.num_hidden_layers)
 
-    def kv_bytes(self, tokens_per_layer: torch.Tensor | float, element_bytes: int) -> float:
-        """KV-cache bytes for the given number of cached tokens (summed over layers, or per layer)."""
-        total = tokens_per_layer.sum().item() if isinstance(tokens_per_layer, torch.Tensor) else tokens_per_layer * self.layers
-        return 2.0 * total * self.kv_dim * element_bytes
-
 
 @dataclass
 class FlopCount:
@@ -57,11 +54,16 @@ class FlopCount:
         return self.dense / self.executed if self.executed else float("inf")
 
     def add(self, shape: ModelShape, context: torch.Tensor, token_mask: torch.Tensor,
-            gates: torch.Tensor | None, logits_tokens: int) -> None:
+            gates: torch.Tensor | None, logits_tokens: int, kv_policy: str = "keep",
+            keys_before: torch.Tensor | None = None) -> torch.Tensor | None:
         """One forward: ``context`` [B, T] keys each query sees, ``token_mask`` [B, T] real tokens,
-        ``gates`` [2L, B, T] execute decisions (None: dense), ``logits_tokens`` LM-head positions."""
+        ``gates`` [2L, B, T] execute decisions (None: dense), ``logits_tokens`` LM-head positions.
+
+        Under ``drop``, ``keys_before`` [L, B] counts the keys each layer already stores; the
+        updated counts are returned for the next call.
+        """
         real = token_mask.to(torch.float64)
-        ctx = (context.to(torch.float64) * real)
+        ctx = context.to(torch.float64) * real
         n = real.sum().item()
         kv = 2 * 2 * shape.hidden * shape.kv_dim
         qo = 2 * 2 * shape.hidden * shape.q_dim
@@ -72,8 +74,14 @@ class FlopCount:
         self.dense += shape.layers * per_layer_dense + head
         if gates is None:
             self.executed += shape.layers * per_layer_dense + head
-            return
+            return None
         g = gates.to(torch.float64) * real
         attn, ffn = g[0::2], g[1::2]
+        if kv_policy == "drop":
+            before = torch.zeros(attn.shape[:2], dtype=torch.float64) if keys_before is None else keys_before
+            seen = before[..., None] + attn.cumsum(-1)  # keys stored at this layer up to each query
+            self.executed += (kv + qo) * attn.sum().item() + core * (attn * seen).sum().item() + mlp * ffn.sum().item() + head
+            return before + attn.sum(-1)
         self.executed += (shape.layers * n * kv + qo * attn.sum().item() + core * (attn * ctx).sum().item()
                           + mlp * ffn.sum().item() + head)
+        return None

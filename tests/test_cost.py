@@ -30,4 +30,19 @@ def test_padding_costs_nothing():
     padded.add(shape, torch.tensor([[0, 0, 1, 2]]), mask, torch.ones(6, 1, 4), 1)
     unpadded.add(shape, torch.tensor([[1, 2]]), torch.ones(1, 2, dtype=torch.bool), torch.ones(6, 1, 2), 1)
     assert padded.dense == unpadded.dense and padded.executed == unpadded.executed
-    assert shape.kv_bytes(torch.tensor([4, 4, 4]), 2) == shape.kv_bytes(4.0, 2) == 2 * 12 * 16 * 2
+
+
+def test_drop_policy_saves_keys_values_and_attention_over_skipped_keys():
+    shape = ModelShape.from_config(tiny_model("llama").config)
+    context = torch.arange(1, 9).expand(1, 8)
+    mask = torch.ones(1, 8, dtype=torch.bool)
+    gates = (torch.arange(8) % 2 == 0).float().expand(6, 1, 8)  # every other token executes everything
+    keep, drop = FlopCount(), FlopCount()
+    keep.add(shape, context, mask, gates, 1)
+    stored = drop.add(shape, context, mask, gates, 1, kv_policy="drop")
+    assert torch.equal(stored, torch.full((3, 1), 4.0, dtype=torch.float64))
+    assert drop.dense == keep.dense and drop.executed < keep.executed
+    # A second step continues from the stored counts.
+    again = drop.add(shape, torch.tensor([[9]]), torch.ones(1, 1, dtype=torch.bool), torch.ones(6, 1, 1), 1,
+                     kv_policy="drop", keys_before=stored)
+    assert torch.equal(again, stored + 1)
