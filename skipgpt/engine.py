@@ -218,17 +218,8 @@ def _attention_update_drop(norm: nn.Module, attn: nn.Module, post_norm: nn.Modul
     if window:
         allowed &= key_at[:, None, :] > at[:, :, None] - window
     allowed |= ~valid[:, :, None]  # padding query slots: any finite row, their output is dropped
-    extra = {"sliding_window": window} if window else {}
-    if getattr(attn, "attn_logit_softcapping", None) is not None:
-        extra["softcap"] = attn.attn_logit_softcapping
-    out, _ = _attention_kernel(attn)(attn, queries, keys, values, _kernel_mask(attn, allowed[:, None], queries.dtype),
-                                     dropout=0.0, scaling=attn.scaling, **extra)
-    out = attn.o_proj(out.reshape(*positions.shape, -1)[valid])
-    if post_norm is not None:
-        out = post_norm(out)
-    update = torch.zeros_like(hidden)
-    update[rows.expand_as(positions)[valid], positions[valid]] = out.to(hidden.dtype)
-    return update
+    mask = _kernel_mask(attn, allowed[:, None], queries.dtype)
+    return _attend(attn, post_norm, hidden, queries, keys, values, mask, rows[:, 0], positions, valid, window)
 
 
 def _attention_update(norm: nn.Module, attn: nn.Module, post_norm: nn.Module | None,
@@ -255,7 +246,15 @@ def _attention_update(norm: nn.Module, attn: nn.Module, post_norm: nn.Module | N
     if rows.numel() < batch:
         keys, values = keys[rows], values[rows]
     mask = _query_mask(attn, kwargs.get("attention_mask"), rows, positions, new_tokens, keys.shape[2], queries.dtype, window)
-    extra = {"sliding_window": window} if window else {}
+    return _attend(attn, post_norm, hidden, queries, keys, values, mask, rows, positions, valid, window)
+
+
+def _attend(attn: nn.Module, post_norm: nn.Module | None, hidden: torch.Tensor, queries: torch.Tensor,
+            keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor,
+            positions: torch.Tensor, valid: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Attention of the gathered queries [R, H, W, d] through the model's own kernel, the output
+    projection for the valid ones, scattered back to (rows, positions) of a zero update."""
+    extra: dict[str, Any] = {"sliding_window": window} if window else {}
     if getattr(attn, "attn_logit_softcapping", None) is not None:
         extra["softcap"] = attn.attn_logit_softcapping
     out, _ = _attention_kernel(attn)(attn, queries, keys, values, mask, dropout=0.0, scaling=attn.scaling, **extra)
