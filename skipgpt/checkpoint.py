@@ -81,11 +81,16 @@ def find(out_dir: Path) -> Path | None:
     return None
 
 
+def load_trainer_state(path: Path) -> dict[str, Any]:
+    """Step, elapsed time and fingerprint (the run's configuration) of a checkpoint."""
+    return json.loads((path / "trainer_state.json").read_text())
+
+
 def load(path: Path, rank: int) -> dict[str, Any]:
     return {
         "weights": load_file(str(path / "weights.safetensors")),
         "optim": torch.load(path / "optim.pt", weights_only=False),
-        "trainer_state": json.loads((path / "trainer_state.json").read_text()),
+        "trainer_state": load_trainer_state(path),
         "rng": torch.load(path / f"rng_{rank}.pt", weights_only=False),
     }
 

@@ -45,6 +45,8 @@ def _tune_args(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--target", type=float, default=d.target, help="target sparsity in [0, 1)")
     p.add_argument("--target-unit", choices=["params", "modules"], default=d.target_unit)
     p.add_argument("--steps", type=int, default=steps, help="optimizer steps")
+    p.add_argument("--budget-minutes", type=float, default=None,
+                   help="size --steps to this many minutes of tuning + calibration on this machine (timed by a short probe)")
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per process per micro-batch")
     p.add_argument("--grad-accum", type=int, default=d.grad_accum)
@@ -182,7 +184,7 @@ def _tune_config(args: argparse.Namespace) -> tuple[TuneConfig, RouterConfig]:
         target=args.target, target_unit=args.target_unit, alpha=args.alpha, steps=args.steps, batch_size=args.batch_size,
         grad_accum=args.grad_accum, seq_len=args.seq_len, lr=args.lr, tau_start=args.tau_start, tau_end=args.tau_end,
         loss=args.loss, bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
-        save_every=args.save_every, calibrate=not args.no_calibrate,
+        save_every=args.save_every, calibrate=not args.no_calibrate, budget_minutes=args.budget_minutes,
     )
     router_cfg = RouterConfig(router=args.router, init=args.init, init_bias=args.init_bias, input_norm=not args.raw_input,
                               kv_policy=args.kv_policy)

@@ -104,9 +104,14 @@ class TuneConfig(JsonConfig):
     calibrate: bool = True
     calib_sequences: int = 4
     calib_seq_len: int = 1024
+    # Wall-clock budget in minutes for tuning plus calibration on this machine: when set, a short
+    # timing probe sizes ``steps`` before training (the τ schedule needs the count up front).
+    budget_minutes: float | None = None
 
     def __post_init__(self) -> None:
         check_target(self.target)
+        if self.budget_minutes is not None and self.budget_minutes <= 0:
+            raise SkipGPTError(f"budget_minutes must be positive, got {self.budget_minutes}")
         if self.target_unit not in ("params", "modules"):
             raise SkipGPTError(f"target unit must be 'params' or 'modules', got {self.target_unit!r}")
         if self.loss not in ("nll", "kl"):

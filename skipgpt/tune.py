@@ -8,6 +8,8 @@ full target for one extra no-grad forward.
 
 from __future__ import annotations
 
+import contextlib
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -15,10 +17,12 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 
 from . import checkpoint
 from .calibrate import achieved_ratio, calibrate_threshold
 from .config import RouterConfig, TuneConfig
+from .errors import SkipGPTError
 from .importance import seed_routers_from_importance
 from .surgery import (
     attach_routers,
@@ -80,6 +84,52 @@ def routed_loss(
     return lm + penalty, parts
 
 
+CALIBRATION_PASSES = 8  # one-pass first guess, bracketing and bisection take 5-8 passes
+
+
+def _size_to_budget(model: torch.nn.Module, train_ids: torch.Tensor, calib_ids: torch.Tensor | None, cfg: TuneConfig,
+                    out: Path, resume: bool, accelerator: Accelerator) -> dict[str, Any]:
+    """Set ``cfg.steps`` so that tuning and calibration fit ``cfg.budget_minutes`` here.
+
+    Times one warm-up and two measured micro-batches of the real loss (no optimizer step, so the
+    routers are untouched) and one calibration forward. A resumed run keeps the step count it
+    was started with: the τ schedule and the data order depend on it.
+    """
+    saved = checkpoint.find(out) if resume else None
+    if saved is not None:
+        cfg.steps = checkpoint.load_trainer_state(saved)["fingerprint"]["tune"]["steps"]
+        return {"budget_minutes": cfg.budget_minutes, "steps": cfg.steps, "resumed": True}
+    start = time.perf_counter()
+    batch = train_ids[: cfg.batch_size].to(next(model.parameters()).device)
+    autocast = torch.autocast(batch.device.type, dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
+    set_gate_mode(model, "gumbel", tau=cfg.tau_start)
+    times = []
+    for _ in range(3):
+        tick = time.perf_counter()
+        with autocast:
+            loss, _ = routed_loss(model, batch, cfg)
+        loss.backward()
+        times.append(time.perf_counter() - tick)
+    model.zero_grad(set_to_none=True)
+    step_s = statistics.mean(times[1:]) * cfg.grad_accum
+    calib_s = 0.0
+    if calib_ids is not None and cfg.calibrate:
+        tick = time.perf_counter()
+        with torch.no_grad(), gate_mode(model, "argmax"):
+            model(input_ids=calib_ids[:1].to(batch.device), use_cache=False)
+        calib_s = (time.perf_counter() - tick) * calib_ids.shape[0] * CALIBRATION_PASSES
+    left = cfg.budget_minutes * 60 - (time.perf_counter() - start) - calib_s
+    steps = int(left // step_s)
+    if steps < 1:
+        raise SkipGPTError(
+            f"a budget of {cfg.budget_minutes} min fits no training step here (one step takes {step_s:.1f} s, "
+            f"calibration about {calib_s:.0f} s); give more minutes or set --steps"
+        )
+    cfg.steps = broadcast_object_list([steps])[0]  # every process trains the same schedule
+    return {"budget_minutes": cfg.budget_minutes, "steps": cfg.steps, "probe_step_s": round(step_s, 3),
+            "calibration_estimate_s": round(calib_s, 1), "resumed": False}
+
+
 def tune_routers(
     model: torch.nn.Module,
     train_ids: torch.Tensor,
@@ -115,6 +165,7 @@ def tune_routers(
     ddp_model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     state = routing_state(model)
     state.checkpointing = cfg.gradient_checkpointing
+    budget = _size_to_budget(model, train_ids, calib_ids, cfg, out, resume, accelerator) if cfg.budget_minutes else None
     fingerprint = {"tune": cfg.to_dict(), "router": {**state.config.to_dict(), "threshold": 0.0}, "data_shape": list(train_ids.shape)}
 
     def step_loss(m: torch.nn.Module, batch: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -154,6 +205,7 @@ def tune_routers(
         "last_step": last,
         "calibration": calibration,
         "importance_seed": seeded,
+        "budget": budget,
         **(meta or {}),
     }
     if accelerator.is_main_process:

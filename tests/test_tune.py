@@ -358,3 +358,31 @@ def test_bf16_autocast_option_trains_float32_routers(tmp_path):
     model, results = run(tmp_path, bf16=True, steps=3)
     assert results["tune"]["bf16"] and math.isfinite(results["last_step"]["loss"])
     assert all(p.dtype == torch.float32 for p in router_parameters(model))
+
+
+# ---- budget -----------------------------------------------------------------------------------
+
+
+def test_budget_sizes_the_steps_and_a_resume_keeps_them(tmp_path, monkeypatch):
+    from skipgpt import checkpoint
+
+    _, results = run(tmp_path / "a", budget_minutes=0.03, save_every=2, calib=True)
+    budget = results["budget"]
+    assert budget["steps"] >= 2 and not budget["resumed"] and budget["probe_step_s"] > 0
+    assert results["tune"]["steps"] == budget["steps"] and results["tokens_trained"] == budget["steps"] * 2 * 16
+    assert len(read_log(tmp_path / "a")) == budget["steps"]
+
+    interrupt_after(monkeypatch, 3 + 3)  # the probe's three micro-batches, then three steps
+    with pytest.raises(Interrupt):
+        run(tmp_path / "b", budget_minutes=0.03, save_every=2)
+    monkeypatch.undo()
+    planned = checkpoint.load_trainer_state(checkpoint.find(tmp_path / "b"))["fingerprint"]["tune"]["steps"]
+    _, resumed = run(tmp_path / "b", budget_minutes=0.03, save_every=2, resume=True)
+    assert resumed["budget"]["resumed"] and resumed["tune"]["steps"] == planned
+
+
+def test_a_budget_too_small_for_one_step_is_refused(tmp_path):
+    with pytest.raises(SkipGPTError, match="fits no training step"):
+        run(tmp_path, budget_minutes=1e-6)
+    with pytest.raises(SkipGPTError, match="positive"):
+        TuneConfig(budget_minutes=0)
