@@ -34,7 +34,7 @@ from .surgery import (
     set_gate_mode,
     write_json,
 )
-from .training import LoopSpec, run_loop
+from .training import LoopSpec, run_loop, run_summary
 from .tune import RESULTS_NAME, lm_loss, routed_loss, tau_at
 
 Mode = Literal["routed", "joint", "dense"]
@@ -199,11 +199,7 @@ def finetune(
         "stage": {"routed": "SkipGPT-RT-L", "joint": "SkipGPT-Joint", "dense": "Dense + LoRA"}[cfg.mode],
         "finetune": cfg.to_dict(),
         "router": routing_state(model).config.to_dict() if routed else None,
-        "tokens_trained": last.get("tokens", 0),
-        "world_size": accelerator.num_processes,
-        "wall_s": round(last.get("elapsed_s", 0.0), 1),
-        "this_session_s": round(time.perf_counter() - start, 1),
-        "last_step": last,
+        **run_summary(accelerator, last, start),
         "calibration": calibration,
         **(meta or {}),
     }

@@ -148,3 +148,14 @@ def run_loop(
             save(step + 1, elapsed)
     bar.close()
     return metrics
+
+
+def run_summary(accelerator: Accelerator, last: dict[str, Any], start: float) -> dict[str, Any]:
+    """What every training stage reports about its run in ``results.json``."""
+    return {
+        "tokens_trained": last.get("tokens", 0),
+        "world_size": accelerator.num_processes,
+        "wall_s": round(last.get("elapsed_s", 0.0), 1),
+        "this_session_s": round(time.perf_counter() - start, 1),
+        "last_step": last,
+    }

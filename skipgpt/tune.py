@@ -36,7 +36,7 @@ from .surgery import (
     set_gate_mode,
     write_json,
 )
-from .training import LoopSpec, run_loop
+from .training import LoopSpec, run_loop, run_summary
 
 RESULTS_NAME = "results.json"
 
@@ -198,11 +198,7 @@ def tune_routers(
         "stage": "router-tuning",
         "tune": cfg.to_dict(),
         "router": state.config.to_dict(),
-        "tokens_trained": last.get("tokens", 0),
-        "world_size": accelerator.num_processes,
-        "wall_s": round(last.get("elapsed_s", 0.0), 1),
-        "this_session_s": round(time.perf_counter() - start, 1),
-        "last_step": last,
+        **run_summary(accelerator, last, start),
         "calibration": calibration,
         "importance_seed": seeded,
         "budget": budget,
