@@ -1,4 +1,4 @@
-"""Command line: ``skipgpt info | tune | finetune | export | eval | generate | demo`` (also ``python -m skipgpt``)."""
+"""Command line: ``skipgpt info | tune | finetune | export | eval | generate | demo | analyze`` (also ``python -m skipgpt``)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch
 
 from . import checkpoint
 from .adapters import get_adapter
+from .calibrate import calibrate_threshold
 from .config import RouterConfig, TuneConfig
 from .data import DATA_DIR_ENV, data_dir, load_source, training_sequences
 from .errors import SkipGPTError
@@ -23,9 +24,24 @@ from .models import DEFAULT_MODEL, load_model
 from .report import pct, ppl_rows, table
 from .export import export_model
 from .finetune import FinetuneConfig, finetune, load_adapter
+from .baselines import get_method, load_pruned, save_pruned
+from .baselines.compare import CompareConfig, Inputs, run_compare, split_training_text
+from .baselines.structure import PLAN_NAME
 from .generate import GenerateConfig, generate
-from .surgery import attach_routers, branch_parameter_counts, detach_routers, has_routers, load_routers, routing_state, write_json
+from .surgery import (
+    CONFIG_NAME,
+    attach_routers,
+    branch_parameter_counts,
+    detach_routers,
+    has_routers,
+    load_routers,
+    read_router_config,
+    routing_state,
+    save_routers,
+    write_json,
+)
 from .tune import RESULTS_NAME, tune_routers
+from . import zeroshot
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -119,22 +135,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="LoRA adapter directory from 'skipgpt finetune'")
     p.add_argument("--out", required=True)
 
-    p = sub.add_parser("eval", help="perplexity, dense or routed, with sparsity statistics")
+    p = sub.add_parser("eval", help="perplexity and zero-shot accuracy, dense or routed, with sparsity statistics")
     _model_args(p)
     _data_dir_arg(p)
     p.add_argument("--routers", help="router directory from 'skipgpt tune' (omit for the dense model)")
     p.add_argument("--adapter", help="LoRA adapter directory from 'skipgpt finetune'")
-    p.add_argument("--data", default="wikitext2", help="comma-separated: wikitext2, ptb, pydoc or file paths")
+    p.add_argument("--pruned", help="pruned-model directory from 'skipgpt prune' or 'skipgpt compare'")
+    p.add_argument("--data", default=None,
+                   help="comma-separated: wikitext2, ptb, pydoc or file paths (default: wikitext2, or none when --tasks is given)")
+    p.add_argument("--tasks", help="zero-shot tasks through lm-evaluation-harness, comma-separated or 'all': "
+                                   "boolq, piqa, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa (docs/zeroshot.md)")
+    p.add_argument("--limit", type=int, default=None, help="zero-shot: the first N examples of each task")
+    p.add_argument("--zeroshot-batch-size", type=int, default=8, help="zero-shot: requests per forward (default: %(default)s)")
     p.add_argument("--split", default="test")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
     p.add_argument("--json", help="write results here")
 
+    p = sub.add_parser("calibrate", help="re-target trained routers: set their threshold for another ratio, no training")
+    _model_args(p)
+    _data_dir_arg(p)
+    p.add_argument("--routers", required=True, help="router directory from 'skipgpt tune'")
+    p.add_argument("--target", type=float, required=True, help="ratio argmax routing should deliver, in [0, 1)")
+    p.add_argument("--target-unit", choices=["params", "modules"], default=TuneConfig.target_unit)
+    p.add_argument("--data", default=None, help="calibration text, as tune's --data (its held-out tail is used)")
+    p.add_argument("--out", required=True, help="new router directory (the input one is left as it is)")
+
+    p = sub.add_parser("prune", help="a static baseline: remove layers, modules or width on calibration text")
+    _model_args(p)
+    _data_dir_arg(p)
+    p.add_argument("--method", required=True, help="shortgpt, joint-layer-drop, shortened-ppl, shortened-taylor, laco, slicegpt, llm-pruner")
+    p.add_argument("--ratio", type=float, required=True, help="share of decoder-layer parameters to remove, in [0, 1)")
+    p.add_argument("--data", default=None, help="calibration text, as tune's --data (its held-out tail is used)")
+    p.add_argument("--calib-sequences", type=int, default=CompareConfig.calib_sequences)
+    p.add_argument("--calib-seq-len", type=int, default=CompareConfig.calib_seq_len)
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("compare", help="baselines and SkipGPT side by side at matched ratios, one protocol, one table")
+    _model_args(p)
+    _data_dir_arg(p)
+    p.add_argument("--ratio", default="0.25", help="comma-separated parameter ratios, e.g. 0.25,0.4")
+    p.add_argument("--methods", default="all", help="all or a comma-separated list (see 'skipgpt prune --method' and skipgpt-rt, mod-d, d-llm)")
+    p.add_argument("--data", default=None, help="calibration and training text, as tune's --data")
+    p.add_argument("--eval", default="wikitext2,ptb", help="comma-separated evaluation sets or files, as eval's --data")
+    p.add_argument("--seq-len", type=int, default=CompareConfig.seq_len, help="evaluation window")
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows of each set")
+    p.add_argument("--calib-sequences", type=int, default=CompareConfig.calib_sequences)
+    p.add_argument("--calib-seq-len", type=int, default=CompareConfig.calib_seq_len)
+    p.add_argument("--steps", type=int, default=TuneConfig.steps, help="router-tuning steps for every dynamic method")
+    p.add_argument("--loss", choices=["nll", "kl"], default=TuneConfig.loss)
+    p.add_argument("--lora-steps", type=int, default=0, help="> 0: add a '+ LoRA' row after each static method")
+    p.add_argument("--tasks", default="", help="zero-shot tasks for every row too (lm-eval; as eval's --tasks)")
+    p.add_argument("--limit", type=int, default=None, help="--tasks: first N examples of each task")
+    p.add_argument("--no-dense", action="store_true", help="leave out the dense reference row")
+    p.add_argument("--report-only", action="store_true", help="write the table from finished rows; run nothing")
+    p.add_argument("--out", required=True)
+
     p = sub.add_parser("generate", help="complete prompts with a routed model (skipped modules are not computed)")
     _model_args(p)
     p.add_argument("--routers", help="router directory (omit for the dense model)")
     p.add_argument("--adapter", help="LoRA adapter directory from 'skipgpt finetune'")
+    p.add_argument("--pruned", help="pruned-model directory from 'skipgpt prune' or 'skipgpt compare'")
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for a batch (left-padded)")
     p.add_argument("--prompt-file", help="one prompt per line")
     g = GenerateConfig()
@@ -156,6 +218,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-windows", type=int, default=40,
                    help="evaluate the first N windows of 1024 tokens (default %(default)s; 0 = the whole test set)")
     p.add_argument("--out", default="runs/demo")
+
+    p = sub.add_parser("analyze", help="the paper's routing analyses as figures (PNG) with the JSON behind them")
+    p.add_argument("kind", choices=ANALYSES, help="cosine (fig. 2), routing, sparsity-split (fig. 5), context-shift (fig. 6), ppl-curve (fig. 7)")
+    _model_args(p)
+    _data_dir_arg(p)
+    p.add_argument("--routers", help="router directory; sparsity-split: comma-separated directories (cosine uses none)")
+    text = p.add_mutually_exclusive_group()
+    text.add_argument("--text", help="the text to analyse")
+    text.add_argument("--text-file", help="read the text from this file")
+    text.add_argument("--data", help="a named set (wikitext2, ptb, pydoc) or data file, as for eval")
+    p.add_argument("--split", default="test", help="split of --data (default: %(default)s)")
+    p.add_argument("--offset", type=int, default=0, help="skip this many tokens of the text first")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: 48 for cosine/routing, 1024 otherwise)")
+    p.add_argument("--num-seqs", type=int, default=4, help="sparsity-split, context-shift: consecutive sequences of the text (default: %(default)s)")
+    p.add_argument("--window", type=int, default=100, help="context-shift: sliding window in tokens (default: %(default)s)")
+    p.add_argument("--results", help="ppl-curve: comma-separated result JSON files, each optionally LABEL=FILE")
+    p.add_argument("--dataset", default="wikitext2", help="ppl-curve: which data set's perplexity (default: %(default)s)")
+    p.add_argument("--methods", help="ppl-curve: draw only these methods, comma-separated (dense is always kept)")
+    p.add_argument("--out", required=True, help="directory for the figure (and the JSON unless --json)")
+    p.add_argument("--name", help="file name stem (default: analysis_KIND)")
+    p.add_argument("--json", help="write the JSON here instead of OUT/NAME.json")
     return parser
 
 
@@ -254,15 +337,27 @@ def _evaluate(model, tokenizer, specs: Sequence[str], *, split: str, data_dir_ar
 
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
-    specs = [s for s in args.data.split(",") if s]
+    data = args.data if args.data is not None else ("" if args.tasks else "wikitext2")
+    specs = [s for s in data.split(",") if s]
     for spec in specs:  # fail on bad data before spending time on the model
         load_source(spec, args.split, args.data_dir)
+    tasks = zeroshot.resolve_tasks(args.tasks) if args.tasks else []
+    if tasks:
+        zeroshot.find_task_files(tasks, args.data_dir)
+    if not specs and not tasks:
+        raise SkipGPTError("nothing to evaluate: give --data (perplexity) and/or --tasks (zero-shot accuracy)")
     model, tokenizer = _routed_model(args)
-    label = ("routed" if has_routers(model) else "dense") + (" + LoRA" if args.adapter else "")
+    label = ("routed" if has_routers(model) else "pruned" if args.pruned else "dense") + (" + LoRA" if args.adapter else "")
     rows = _evaluate(model, tokenizer, specs, split=args.split, data_dir_arg=args.data_dir, seq_len=args.seq_len,
                      batch_size=args.batch_size, max_windows=args.max_windows, label=label)
-    print(ppl_rows(rows))
-    results = {"model": args.model, "routers": args.routers, "adapter": args.adapter, "results": {spec: r for spec, (_, r) in zip(specs, rows)}}
+    if rows:
+        print(ppl_rows(rows))
+    results = {"model": args.model, "routers": args.routers, "adapter": args.adapter, "pruned": args.pruned, "results": {spec: r for spec, (_, r) in zip(specs, rows)}}
+    if tasks:
+        zs = zeroshot.evaluate_tasks(model, tokenizer, tasks, limit=args.limit, data_dir=args.data_dir,
+                                     batch_size=args.zeroshot_batch_size)
+        print(zeroshot.report(zs, label))
+        results["results"]["zeroshot"] = zs
     if args.json:
         write_json(Path(args.json), results)
     return results
@@ -271,6 +366,10 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 def _routed_model(args: argparse.Namespace) -> tuple[Any, Any]:
     """The base model with ``--routers`` and ``--adapter`` applied, as eval and generate take them."""
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    if getattr(args, "pruned", None):  # analyze takes no --pruned
+        if args.routers:
+            raise SkipGPTError("--pruned and --routers are separate methods; give one of them")
+        load_pruned(model, args.pruned)
     if args.routers:
         if has_routers(model):
             raise SkipGPTError(f"{args.model} carries its own routers (an exported model); omit --routers")
@@ -378,7 +477,176 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
-COMMANDS = {"info": cmd_info, "tune": cmd_tune, "finetune": cmd_finetune, "export": cmd_export, "eval": cmd_eval, "generate": cmd_generate, "demo": cmd_demo}
+ANALYSES = ("cosine", "routing", "sparsity-split", "context-shift", "ppl-curve")
+
+
+def _analysis_text(args: argparse.Namespace) -> tuple[str, str]:
+    """(text, description) from --text, --text-file or --data."""
+    if args.text is not None:
+        return args.text, "given text"
+    if args.text_file:
+        try:
+            return Path(args.text_file).read_text(), str(args.text_file)
+        except (OSError, UnicodeDecodeError) as err:
+            raise SkipGPTError(f"cannot read --text-file: {err}") from None
+    if args.data:
+        source = load_source(args.data, args.split, args.data_dir)
+        return source.text(), source.description
+    raise SkipGPTError(f"{args.kind} needs text: --text STR, --text-file FILE or --data NAME")
+
+
+def _router_label(info: dict[str, Any]) -> str:
+    target = "" if info["target"] is None else f", target {pct(info['target'])}"
+    return f"routers {info['routers']} ({info['method']}{' + LoRA' if info['adapter'] else ''}{target})"
+
+
+def cmd_analyze(args: argparse.Namespace) -> dict[str, Any]:
+    from . import analysis, plots  # matplotlib only when analysing
+
+    out_dir = Path(args.out)
+    stem = args.name or f"analysis_{args.kind.replace('-', '_')}"
+    png, json_path = out_dir / f"{stem}.png", Path(args.json) if args.json else out_dir / f"{stem}.json"
+    if args.kind == "ppl-curve":
+        if not args.results:
+            raise SkipGPTError("ppl-curve needs --results FILE[,FILE...] (JSON from 'skipgpt eval --json' or rows)")
+        result = analysis.ppl_points([s for s in args.results.split(",") if s], args.dataset,
+                                     [m for m in (args.methods or "").split(",") if m] or None)
+        context = f"{', '.join(result['models']) or 'model not recorded'}; {args.dataset}; from {len(result['points'])} result(s)"
+        protocols = {(p.get("windows"), p.get("seq_len")) for p in result["points"]}
+        if len(protocols) == 1 and None not in next(iter(protocols)):
+            context += " (first {} windows of {} tokens)".format(*next(iter(protocols)))
+    else:
+        router_dirs = [d for d in (args.routers or "").split(",") if d]
+        carries = (Path(args.model) / "router_config.json").is_file()
+        if (args.kind == "sparsity-split" or (args.kind != "cosine" and not carries)) and not router_dirs:
+            raise SkipGPTError(f"{args.kind} needs --routers DIR (a directory from 'skipgpt tune')")
+        if args.kind in ("routing", "context-shift") and len(router_dirs) > 1:
+            raise SkipGPTError(f"{args.kind} takes one router directory; sparsity-split compares several")
+        infos = [analysis.router_set_info(d) for d in router_dirs]  # validates them before the model loads
+        text, description = _analysis_text(args)
+        seq_len = args.seq_len or (48 if args.kind in ("cosine", "routing") else 1024)
+        num_seqs = 1 if args.kind in ("cosine", "routing") else args.num_seqs
+        model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+        if router_dirs and has_routers(model):
+            raise SkipGPTError(f"{args.model} carries its own routers (an exported model); omit --routers")
+        ids = analysis.text_sequences(tokenizer, text, seq_len, num_seqs, args.offset)
+        where = f"{ids.numel()} tokens of {description}" + (f" from token {args.offset}" if args.offset else "")
+        context = f"model {args.model}"
+        if args.kind == "cosine":
+            result = analysis.cosine_analysis(model, ids[0], analysis.token_strings(tokenizer, ids[0].tolist()))
+            context += f"; {where}" + ("; routers play no part (every module executes)" if router_dirs else "")
+        elif args.kind == "sparsity-split":
+            rows = []
+            for info in infos:
+                if has_routers(model):
+                    detach_routers(model)
+                load_routers(model, info["routers"])
+                routed = load_adapter(model, info["adapter"]) if info["adapter"] else model
+                print(f"skipgpt: {_router_label(info)}", file=sys.stderr)
+                rows.append({**info, **analysis.sparsity_split(routed, ids)})
+                if info["adapter"]:  # LoRA was injected into this model's layers: start from a clean one
+                    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+            rows.sort(key=lambda r: (r["target"] is None, r["target"] or 0.0, r["name"]))
+            result = {"kind": "sparsity-split", "router_sets": rows}
+            context += f"; {where}"
+            print(table(["router set", "method", "target", "attention skipped", "MLP skipped", "params skipped"], [
+                (r["routers"], r["method"] + (" + LoRA" if r["adapter"] else ""), pct(r["target"]), pct(r["attn_sparsity"]),
+                 pct(r["mlp_sparsity"]), pct(r["param_ratio"])) for r in rows]))
+        else:
+            info = infos[0] if infos else None
+            if info:
+                load_routers(model, info["routers"])
+                model = load_adapter(model, info["adapter"]) if info["adapter"] else model
+            context += f", {_router_label(info) if info else 'its own routers'}; {where}"
+            if args.kind == "routing":
+                result = analysis.routing_analysis(model, ids[0], analysis.token_strings(tokenizer, ids[0].tolist()))
+            else:
+                result = analysis.context_shift(model, ids, args.window)
+            result["router_set"] = info
+    result = {**result, "model": args.model, "context": context}
+    plots.PLOTS[args.kind](result, png, context)
+    write_json(json_path, result)
+    print(f"skipgpt: figure {png}\nskipgpt: data   {json_path}")
+    return result
+
+
+def _calibration_and_training(args: argparse.Namespace, tokenizer: Any, seq_len: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    source = load_source(args.data or _default_train_data(args), "train", args.data_dir)
+    cfg = CompareConfig(calib_sequences=args.calib_sequences, calib_seq_len=args.calib_seq_len,
+                        tune=TuneConfig(seq_len=seq_len))
+    train_ids, calib_ids = split_training_text(tokenizer, source.documents, cfg)
+    return source, train_ids, calib_ids
+
+
+def cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
+    if not 0.0 <= args.target < 1.0:
+        raise SkipGPTError(f"--target must be in [0, 1), got {args.target}")
+    out = Path(args.out)
+    if (out / CONFIG_NAME).exists():
+        raise SkipGPTError(f"{out} already holds routers; pick another --out")
+    source = load_source(args.data or _default_train_data(args), "train", args.data_dir)
+    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    load_routers(model, args.routers)
+    cfg = TuneConfig()
+    _, calib_ids = training_sequences(tokenizer, source.documents, cfg.seq_len, cfg.calib_sequences, cfg.calib_seq_len)
+    if calib_ids is None:
+        raise SkipGPTError(f"{source.description} is too short to hold out {cfg.calib_sequences} x {cfg.calib_seq_len} calibration tokens")
+    result = calibrate_threshold(model, calib_ids, args.target, args.target_unit)
+    previous = read_router_config(args.routers)
+    extra = {k: v for k, v in previous.items() if k not in ("format", "version", "router")}
+    save_routers(model, out, extra={**extra, "recalibrated_from": str(args.routers), "recalibration": result})
+    print(table(["field", "value"], [("routers", str(out)), ("ratio before", pct(result["ratio_before"])),
+                                     ("ratio after", pct(result["ratio_after"])), ("threshold", f"{result['threshold']:.4g}")]))
+    return result
+
+
+def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
+    method = get_method(args.method)
+    if not 0.0 <= args.ratio < 1.0:
+        raise SkipGPTError(f"--ratio must be in [0, 1), got {args.ratio}")
+    out = Path(args.out)
+    if (out / PLAN_NAME).exists():
+        raise SkipGPTError(f"{out} already holds a pruned model; pick another --out or delete it")
+    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    source, _, calib_ids = _calibration_and_training(args, tokenizer, TuneConfig.seq_len)
+    plan = method.prune(model, calib_ids, args.ratio)
+    plan.extra["calibration"] = f"{calib_ids.shape[0]} x {calib_ids.shape[1]} held-out tokens of {source.description}"
+    save_pruned(model, plan, out)
+    print(table(["field", "value"], [("method", plan.method), ("target ratio", pct(plan.target_ratio)),
+                                     ("achieved ratio", pct(plan.achieved_ratio)), ("modules removed", len(plan.removed)),
+                                     ("saved", str(out))]))
+    return plan.to_dict()
+
+
+def cmd_compare(args: argparse.Namespace) -> dict[str, Any]:
+    ratios = tuple(float(r) for r in args.ratio.split(",") if r)
+    if not ratios or any(not 0.0 < r < 1.0 for r in ratios):
+        raise SkipGPTError(f"--ratio takes ratios in (0, 1), comma-separated; got {args.ratio!r}")
+    specs = [s for s in args.eval.split(",") if s]
+    texts = {spec: load_source(spec, "test", args.data_dir).text() for spec in specs}
+    cfg = CompareConfig(ratios=ratios, methods=tuple(m for m in args.methods.split(",") if m), eval_specs=tuple(specs),
+                        seq_len=args.seq_len, max_windows=args.max_windows, calib_sequences=args.calib_sequences,
+                        calib_seq_len=args.calib_seq_len, tune=TuneConfig(steps=args.steps, loss=args.loss),
+                        lora_steps=args.lora_steps, include_dense=not args.no_dense,
+                        tasks=tuple(t for t in args.tasks.split(",") if t), task_limit=args.limit,
+                        report_only=args.report_only)
+    cfg.resolved_methods()  # unknown names and missing task files fail before any model is loaded
+    if cfg.tasks:
+        zeroshot.find_task_files(list(cfg.tasks), args.data_dir)
+    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    source, train_ids, calib_ids = _calibration_and_training(args, tokenizer, cfg.tune.seq_len)
+    del model
+    inputs = Inputs(
+        fresh_model=lambda: load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)[0],
+        tokenizer=tokenizer, train_ids=train_ids, calib_ids=calib_ids, eval_texts=texts,
+        data_note=source.description, model_name=args.model, data_dir=args.data_dir,
+    )
+    rows = run_compare(inputs, cfg, Path(args.out))
+    print((Path(args.out) / "comparison.md").read_text())
+    return {"rows": rows}
+
+
+COMMANDS = {"info": cmd_info, "tune": cmd_tune, "finetune": cmd_finetune, "export": cmd_export, "eval": cmd_eval, "generate": cmd_generate, "demo": cmd_demo, "calibrate": cmd_calibrate, "prune": cmd_prune, "compare": cmd_compare, "analyze": cmd_analyze}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

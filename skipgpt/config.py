@@ -53,6 +53,13 @@ class RouterConfig(JsonConfig):
     # and values, so later tokens see it; "drop" writes none at that layer (a smaller KV cache).
     # Inference must use the policy the routers were trained with, so it is part of this config.
     kv_policy: Literal["keep", "drop"] = "keep"
+    # How router scores become decisions. "skipgpt": each module's own gate (argmax / Gumbel).
+    # The dynamic baselines: "mod-d", top-k tokens of each sequence per module with ``capacity``
+    # the share that executes (Mixture-of-Depths, attention and MLP decoupled); "d-llm", one
+    # decision per token per layer for attention and MLP together, every token executing
+    # exactly round(capacity × layers) layers (D-LLM's per-token budget).
+    routing: Literal["skipgpt", "mod-d", "d-llm"] = "skipgpt"
+    capacity: float = 1.0
     # Filled in by attach_routers; used to refuse loading onto a different base model.
     model_type: str = ""
     hidden_size: int = 0
@@ -66,6 +73,10 @@ class RouterConfig(JsonConfig):
             raise SkipGPTError(f"router init must be 'execute' or 'importance', got {self.init!r}")
         if self.kv_policy not in ("keep", "drop"):
             raise SkipGPTError(f"kv_policy must be 'keep' or 'drop', got {self.kv_policy!r}")
+        if self.routing not in ("skipgpt", "mod-d", "d-llm"):
+            raise SkipGPTError(f"routing must be 'skipgpt', 'mod-d' or 'd-llm', got {self.routing!r}")
+        if not 0.0 < self.capacity <= 1.0:
+            raise SkipGPTError(f"capacity (share of tokens or layers executed) must be in (0, 1], got {self.capacity}")
 
 
 def check_target(target: float) -> float:

@@ -92,3 +92,34 @@ def execute_gate(logits: torch.Tensor, mode: GateMode, tau: float, threshold: fl
     if mode == "argmax":
         return (margin(logits) > threshold).to(logits.dtype)
     raise ValueError(f"execute_gate does not handle mode {mode!r}")
+
+
+def topk_gate(logits: torch.Tensor, token_mask: torch.Tensor | None, capacity: float, train: bool) -> torch.Tensor:
+    """MoD routing: the ceil(capacity · n) highest-scoring real tokens of each sequence execute.
+
+    Training multiplies nothing into the residual stream (the frozen model sees exactly its own
+    modules): the hard top-k mask goes forward and sigmoid(score) carries the gradient, the
+    straight-through form of MoD's router weight. The choice looks at the whole sequence, as
+    MoD's training does; decoding one token at a time therefore executes everything.
+    """
+    score = margin(logits)
+    real = torch.ones_like(score, dtype=torch.bool) if token_mask is None else token_mask
+    k = torch.ceil(capacity * real.sum(-1) - 1e-6).long()
+    rank = score.masked_fill(~real, float("-inf")).argsort(-1, descending=True).argsort(-1)
+    hard = (rank < k[:, None]) & real
+    if not train:
+        return hard
+    soft = torch.sigmoid(score)
+    return hard.to(soft.dtype) + soft - soft.detach()
+
+
+def budget_gate(proposed: torch.Tensor, executed: torch.Tensor, layer: int, num_layers: int, budget: int) -> torch.Tensor:
+    """D-LLM's per-token budget, decided causally layer by layer: a token that has already
+    executed ``budget`` layers skips the rest, and one that needs every remaining layer to reach
+    its budget executes them. In between the router decides (its gradient kept)."""
+    need = budget - executed
+    force_on = need >= num_layers - layer
+    force_off = need <= 0
+    if proposed.dtype == torch.bool:
+        return (proposed | force_on) & ~force_off
+    return torch.where(force_on, torch.ones_like(proposed), torch.where(force_off, torch.zeros_like(proposed), proposed))

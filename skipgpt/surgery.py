@@ -25,7 +25,7 @@ from .adapters import ArchAdapter, get_adapter
 from .config import RouterConfig
 from .engine import DroppedKVCache, drop_policy_mask, skip_branch
 from .errors import SkipGPTError
-from .routers import GATE_MODES, GateMode, Router, execute_gate, margin
+from .routers import GATE_MODES, GateMode, Router, budget_gate, execute_gate, margin, topk_gate
 from .sparsity import SparsityMeter, SparsityStats, gate_stats
 
 CONFIG_NAME = "router_config.json"
@@ -65,7 +65,9 @@ class RoutingState:
         return len(self.module_params)
 
     def decide(self, router: Router, hidden: torch.Tensor, index: int) -> torch.Tensor:
-        if self.mode == "dense":
+        if self.config.routing != "skipgpt" and self.mode in ("gumbel", "argmax"):
+            gate = self._baseline_decision(router, hidden, index)
+        elif self.mode == "dense":
             gate = hidden.new_ones(hidden.shape[:-1], dtype=torch.float32)
         elif self.mode == "fixed":
             if self.fixed_gates is None:
@@ -81,6 +83,23 @@ class RoutingState:
                 self.margin_log[index].append(real.detach().flatten().cpu())
         self.gates[index] = gate
         return gate
+
+    def _baseline_decision(self, router: Router, hidden: torch.Tensor, index: int) -> torch.Tensor:
+        """MoD-D's top-k per module, or D-LLM's one decision per layer under a per-token budget."""
+        train = self.mode == "gumbel"
+        if self.config.routing == "mod-d":
+            return topk_gate(router(hidden), self.token_mask, self.config.capacity, train)
+        if index % 2:  # D-LLM: the MLP follows its layer's decision
+            return self.gates[index - 1]  # type: ignore[return-value]
+        layer, layers = index // 2, self.num_modules // 2
+        if train:
+            proposed = execute_gate(router(hidden), "gumbel", self.tau, 0.0)
+        else:
+            proposed = router.execute(hidden, self.config.threshold)
+        # Counted from the gates already decided in this forward, so a checkpointed layer that is
+        # recomputed in backward sees the same count as in forward.
+        executed = sum((g.detach().float() for g in self.gates[0 : 2 * layer : 2]), torch.zeros(hidden.shape[:-1], device=hidden.device))
+        return budget_gate(proposed, executed, layer, layers, round(self.config.capacity * layers))
 
     def stacked_gates(self) -> torch.Tensor:
         if any(g is None for g in self.gates):

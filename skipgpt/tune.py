@@ -77,7 +77,9 @@ def routed_loss(
     lm = lm_loss(model, batch, cfg.loss, teacher)
     stats = routing_state(model).last_stats()
     sparsity = stats.value(cfg.target_unit)
-    penalty = cfg.alpha * (cfg.target - sparsity).abs()
+    # MoD-D and D-LLM meet their budget by construction (top-k, per-token budget): no penalty.
+    fixed_budget = routing_state(model).config.routing != "skipgpt"
+    penalty = sparsity.new_zeros(()) if fixed_budget else cfg.alpha * (cfg.target - sparsity).abs()
     logged = {"lm_loss": lm, "sparsity_loss": penalty, "sparsity": sparsity, "module_sparsity": stats.module,
               "param_ratio": stats.params, "attn_sparsity": stats.attn, "mlp_sparsity": stats.mlp}
     parts = {k: float(v.detach()) for k, v in logged.items()}
@@ -189,7 +191,7 @@ def tune_routers(
     set_gate_mode(model, "argmax")
     calibration: dict[str, Any] | None = None
     if accelerator.is_main_process and calib_ids is not None:
-        if cfg.calibrate:
+        if cfg.calibrate and state.config.routing == "skipgpt":
             calibration = calibrate_threshold(model, calib_ids, cfg.target, cfg.target_unit)
         else:
             ratio = achieved_ratio(model, calib_ids, cfg.target_unit)

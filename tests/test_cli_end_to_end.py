@@ -115,3 +115,17 @@ def test_tune_with_kv_policy_drop_records_it_and_generates(workspace, tmp_path):
     assert main(["generate", "--model", str(workspace / "model"), "--routers", str(out), "--prompt", "the cat",
                  "--max-new-tokens", "4", "--json", str(tmp_path / "g.json")]) == 0
     assert json.loads((tmp_path / "g.json").read_text())["new_tokens"] > 0
+
+
+def test_calibrate_retargets_trained_routers_without_training(workspace, tmp_path):
+    routers, again = tmp_path / "routers", tmp_path / "retargeted"
+    data = ["--model", str(workspace / "model"), "--data", str(workspace / "train.txt")]
+    assert main(["tune", *data, *TUNE, "--out", str(routers)]) == 0
+    assert main(["calibrate", *data, "--routers", str(routers), "--target", "0.4", "--out", str(again)]) == 0
+    saved = json.loads((again / "router_config.json").read_text())
+    assert abs(saved["recalibration"]["ratio_after"] - 0.4) <= 0.02  # on the held-out calibration text
+    assert saved["recalibrated_from"] == str(routers) and saved["training"]["steps"] == 4
+    before = load_file(str(routers / "routers.safetensors"))
+    after = load_file(str(again / "routers.safetensors"))
+    assert before.keys() == after.keys() and all((before[k] == after[k]).all() for k in before)  # weights untouched
+    assert main(["calibrate", *data, "--routers", str(routers), "--target", "1.5", "--out", str(tmp_path / "x")]) == 2
