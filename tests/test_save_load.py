@@ -75,6 +75,7 @@ def test_saved_files_describe_the_routers(tmp_path, kind):
     assert config["training"] == {"steps": 7}
     assert config["router"] | {"base_model": ""} == {
         "router": kind, "input_norm": True, "init": "execute", "init_bias": 0.0, "threshold": 0.25, "kv_policy": "keep",
+        "routing": "skipgpt", "capacity": 1.0,
         "model_type": "llama", "hidden_size": 32, "num_layers": 3, "base_model": "",
     }
     tensors = load_file(str(tmp_path / "routers.safetensors"))

@@ -10,7 +10,7 @@ from conftest import random_ids, tiny_model
 
 from skipgpt.baselines import get_method, load_pruned, save_pruned
 from skipgpt.baselines.structure import decoder_parameter_count
-from skipgpt.baselines.width import _group_rows, llm_pruner_layers
+from skipgpt.baselines.width import _group_rows, llm_pruner_layers, prune_slicegpt
 from skipgpt.errors import SkipGPTError
 
 # Wide enough that one granularity step is small: 4 KV heads of 2 query heads, 128 MLP channels.
@@ -67,6 +67,25 @@ def test_slicegpt_slices_every_hidden_dimension_and_folds_the_norms():
         assert layer.attn_shortcut_Q.shape == layer.mlp_shortcut_Q.shape == (d, d)
     assert not any("norm" in name for name, _ in model.named_parameters())  # folded into the linears
     assert sorted(plan.changed) == sorted(model.state_dict())
+
+
+def test_slicegpt_without_slicing_the_head_keeps_the_last_output_full(tmp_path):
+    """SliceGPT's own default (do_slice_head=False): the last layer writes the full width."""
+    model = tiny_model("llama", tie_word_embeddings=True, **GEOM)
+    ids = random_ids(2, 24, seed=3)
+    plan = prune_slicegpt(model, random_ids(4, 32, seed=1), 0.25, slice_head=False)
+    d = plan.extra["sliced_dim"]
+    assert not plan.extra["slice_head"] and d < 64
+    assert abs(plan.achieved_ratio - 0.25) <= plan.extra["ratio_step"] / 2 + 1e-9
+    last = model.model.layers[-1]
+    assert last.mlp_shortcut_Q.shape == (d, 64) and last.mlp.down_proj.weight.shape == (64, 128)
+    assert model.model.layers[0].mlp.down_proj.weight.shape == (d, 128)
+    assert model.lm_head.weight.shape == (128, 64) and model.model.embed_tokens.weight.shape == (128, d)
+    logits = model(input_ids=ids).logits
+    save_pruned(model, plan, tmp_path / "nohead")
+    fresh = tiny_model("llama", tie_word_embeddings=True, **GEOM)
+    load_pruned(fresh, tmp_path / "nohead")
+    torch.testing.assert_close(fresh(input_ids=ids).logits, logits, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("model_type,tied", [("llama", False), ("llama", True), ("qwen2", False)])

@@ -184,25 +184,32 @@ def _untie_embeddings(model: nn.Module) -> bool:
     return tied
 
 
-def _install_sliced_layers(model: nn.Module, dim: int, sliced: int, eps: float) -> None:
-    """Scale-free norms, shortcut matrices (identity for now) and the shortcut forward."""
+def _install_sliced_layers(model: nn.Module, dim: int, sliced: int, eps: float, slice_head: bool = True) -> None:
+    """Scale-free norms, shortcut matrices (identity for now) and the shortcut forward. Without
+    ``slice_head`` the last layer's output (its MLP shortcut columns) keeps the full width."""
     adapter = get_adapter(model)
-    for layer in adapter.decoder_layers(model):
+    layers = adapter.decoder_layers(model)
+    for index, layer in enumerate(layers):
         layer.input_layernorm = SlicedRMSNorm(dim, eps)
         layer.post_attention_layernorm = SlicedRMSNorm(dim, eps)
         dtype, device = layer.self_attn.q_proj.weight.dtype, layer.self_attn.q_proj.weight.device
-        for name in ("attn_shortcut_Q", "mlp_shortcut_Q"):
-            setattr(layer, name, nn.Parameter(torch.eye(sliced, dtype=dtype, device=device)))
+        out = dim if not slice_head and index == len(layers) - 1 else sliced
+        layer.attn_shortcut_Q = nn.Parameter(torch.eye(sliced, dtype=dtype, device=device))
+        layer.mlp_shortcut_Q = nn.Parameter(torch.eye(sliced, out, dtype=dtype, device=device))
         layer.forward = types.MethodType(_sliced_layer_forward, layer)
     parent = model.get_submodule(adapter.layers.rsplit(".", 1)[0])
     parent.norm = SlicedRMSNorm(dim, eps)
 
 
-def _slicegpt_decoder_count(model: nn.Module, sliced: int) -> int:
+def _slicegpt_decoder_count(model: nn.Module, sliced: int, slice_head: bool = True) -> int:
     """Decoder-layer parameters after slicing the hidden size to ``sliced`` (norm scales gone,
-    two ``sliced x sliced`` shortcut matrices per layer added)."""
+    two ``sliced x sliced`` shortcut matrices per layer added; without ``slice_head`` the last
+    layer's down_proj and MLP shortcut keep full-width outputs)."""
     total = 0
-    for layer in get_adapter(model).decoder_layers(model):
+    layers = get_adapter(model).decoder_layers(model)
+    dim = model.config.get_text_config().hidden_size
+    for index, layer in enumerate(layers):
+        out = dim if not slice_head and index == len(layers) - 1 else sliced
         attn, mlp = layer.self_attn, layer.mlp
         inputs = [getattr(attn, n) for n in ATTN_IN] + [getattr(mlp, n) for n in MLP_IN]
         outputs = [getattr(attn, ATTN_OUT), getattr(mlp, MLP_OUT)]
@@ -210,17 +217,18 @@ def _slicegpt_decoder_count(model: nn.Module, sliced: int) -> int:
         touched = {id(p) for m in (*inputs, *outputs, *norms) for p in m.parameters()}
         total += sum(p.numel() for p in layer.parameters() if id(p) not in touched)
         total += sum(m.out_features * sliced + (m.bias.numel() if m.bias is not None else 0) for m in inputs)
-        total += sum(sliced * m.in_features + (sliced if m.bias is not None else 0) for m in outputs)
-        total += 2 * sliced * sliced
+        total += sliced * outputs[0].in_features + (sliced if outputs[0].bias is not None else 0)
+        total += out * outputs[1].in_features + (out if outputs[1].bias is not None else 0)
+        total += sliced * sliced + sliced * out
     return total
 
 
-def _choose_sliced_dim(model: nn.Module, ratio: float, round_interval: int) -> tuple[int, float]:
+def _choose_sliced_dim(model: nn.Module, ratio: float, round_interval: int, slice_head: bool) -> tuple[int, float]:
     """The sliced width (a multiple of ``round_interval``) whose decoder-layer ratio is closest
     to ``ratio``, and the ratio change of one step there. Ratio 0 means no slicing at all."""
     dim = model.config.get_text_config().hidden_size
     before = decoder_parameter_count(model)
-    ratio_of = lambda d: 1 - _slicegpt_decoder_count(model, d) / before  # noqa: E731
+    ratio_of = lambda d: 1 - _slicegpt_decoder_count(model, d, slice_head) / before  # noqa: E731
     if ratio == 0:
         return dim, ratio_of(dim - round_interval) - ratio_of(dim)
     candidates = list(range(round_interval, dim + 1, round_interval))
@@ -278,10 +286,13 @@ def prune_slicegpt(
     ratio: float,
     *,
     round_interval: int | None = None,
+    slice_head: bool = True,
     batch_size: int = 1,
 ) -> PrunePlan:
     """SliceGPT with the sliced width chosen so that the decoder-layer parameter ratio (shortcut
-    matrices included) is closest to ``ratio``; ``ratio=0`` only rotates."""
+    matrices included) is closest to ``ratio``; ``ratio=0`` only rotates. ``slice_head=False``
+    is SliceGPT's own default (``do_slice_head``): the last layer's output and lm_head keep the
+    full width."""
     start = time.perf_counter()
     _check_model(model, "slicegpt", LLAMA_FAMILY)
     if not 0 <= ratio < 1:
@@ -293,7 +304,7 @@ def prune_slicegpt(
     if round_interval is None:
         round_interval = SLICEGPT_ROUND_INTERVAL if dim % SLICEGPT_ROUND_INTERVAL == 0 and dim >= 256 else 1
     before, total_before = decoder_parameter_count(model), _total_params(model)
-    sliced, step = _choose_sliced_dim(model, ratio, round_interval)
+    sliced, step = _choose_sliced_dim(model, ratio, round_interval, slice_head)
     eps = _norm_eps(layers[0].input_layernorm)
     final_norm = model.get_submodule(adapter.layers.rsplit(".", 1)[0]).norm
 
@@ -321,7 +332,8 @@ def prune_slicegpt(
         embed.embedding_dim = sliced
         hidden = [x for x, _ in inputs]
         kwargs = [kw for _, kw in inputs]
-        for layer in tqdm(layers, desc="SliceGPT rotate+slice", leave=False):
+        for index, layer in enumerate(tqdm(layers, desc="SliceGPT rotate+slice", leave=False)):
+            out = dim if not slice_head and index == len(layers) - 1 else sliced
             attn, mlp = layer.self_attn, layer.mlp
             dtype = attn.q_proj.weight.dtype
             # attention inputs in the basis of the layer input
@@ -348,11 +360,11 @@ def prune_slicegpt(
             hidden = [_mlp_half(layer, x) for x in sliced_mid]
             q, values = _pca(hidden)
             kept_variance.append(float(values[:sliced].sum() / values.sum()))
-            layer.mlp_shortcut_Q = nn.Parameter((shortcut @ q[:, :sliced]).to(dtype))
+            layer.mlp_shortcut_Q = nn.Parameter((shortcut @ q[:, :out]).to(dtype))
             down = getattr(mlp, MLP_OUT)
-            _set_weight(down, (q.T @ down.weight.double())[:sliced],
-                        None if down.bias is None else (down.bias.double() @ q)[:sliced])
-        _set_weight(head, head.weight.double() @ q[:, :sliced], None if head.bias is None else head.bias.double())
+            _set_weight(down, (q.T @ down.weight.double())[:out],
+                        None if down.bias is None else (down.bias.double() @ q)[:out])
+        _set_weight(head, head.weight.double() @ q[:, :out], None if head.bias is None else head.bias.double())
 
     changed = [n for n, _ in model.named_parameters()]
     plan = PrunePlan(
@@ -364,10 +376,11 @@ def prune_slicegpt(
             "sliced_dim": sliced,
             "slicing": 1 - sliced / dim,
             "round_interval": round_interval,
+            "slice_head": slice_head,
             "ratio_step": step,
             "untied_embeddings": untied,
             "norm_eps": eps,
-            "shortcut_params": 2 * sliced * sliced * len(layers),
+            "shortcut_params": sum(layer.attn_shortcut_Q.numel() + layer.mlp_shortcut_Q.numel() for layer in layers),
             "kept_variance_mean": sum(kept_variance) / len(kept_variance),
             "calibration": list(calib_ids.shape),
         },
@@ -385,19 +398,23 @@ def restructure_slicegpt(model: nn.Module, plan: PrunePlan) -> None:
         raise SkipGPTError(f"the plan was made on a model of hidden size {dim}, this one has {config.hidden_size}")
     if extra.get("untied_embeddings"):
         _untie_embeddings(model)
-    _install_sliced_layers(model, dim, sliced, float(extra["norm_eps"]))
+    slice_head = bool(extra.get("slice_head", True))
+    _install_sliced_layers(model, dim, sliced, float(extra["norm_eps"]), slice_head)
     keep = slice(0, sliced)
-    for layer in get_adapter(model).decoder_layers(model):
+    layers = get_adapter(model).decoder_layers(model)
+    for index, layer in enumerate(layers):
         for name in ATTN_IN:
             _shrink_linear(getattr(layer.self_attn, name), cols=keep)
         _shrink_linear(getattr(layer.self_attn, ATTN_OUT), rows=keep)
         for name in MLP_IN:
             _shrink_linear(getattr(layer.mlp, name), cols=keep)
-        _shrink_linear(getattr(layer.mlp, MLP_OUT), rows=keep)
+        last_full = not slice_head and index == len(layers) - 1
+        _shrink_linear(getattr(layer.mlp, MLP_OUT), rows=None if last_full else keep)
     embed = model.get_input_embeddings()
     embed.weight = nn.Parameter(embed.weight[:, keep].detach().clone(), requires_grad=embed.weight.requires_grad)
     embed.embedding_dim = sliced
-    _shrink_linear(model.get_output_embeddings(), cols=keep)
+    if slice_head:
+        _shrink_linear(model.get_output_embeddings(), cols=keep)
 
 
 # ---------------------------------------------------------------------------------------------
