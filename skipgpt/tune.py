@@ -75,10 +75,11 @@ def routed_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """LM loss + α·|T − r| of one micro-batch under the current gate mode, with its parts for the log."""
     lm = lm_loss(model, batch, cfg.loss, teacher)
-    stats = routing_state(model).last_stats()
+    state = routing_state(model)
+    stats = state.last_stats()
     sparsity = stats.value(cfg.target_unit)
     # MoD-D and D-LLM meet their budget by construction (top-k, per-token budget): no penalty.
-    fixed_budget = routing_state(model).config.routing != "skipgpt"
+    fixed_budget = state.config.routing != "skipgpt"
     penalty = sparsity.new_zeros(()) if fixed_budget else cfg.alpha * (cfg.target - sparsity).abs()
     logged = {"lm_loss": lm, "sparsity_loss": penalty, "sparsity": sparsity, "module_sparsity": stats.module,
               "param_ratio": stats.params, "attn_sparsity": stats.attn, "mlp_sparsity": stats.mlp}

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..adapters import get_adapter
 from ..errors import SkipGPTError
-from ..surgery import KINDS, has_routers, write_json
+from ..surgery import KINDS, branch_parameter_counts, has_routers, write_json
 
 PLAN_NAME = "prune_config.json"
 WEIGHTS_NAME = "pruned.safetensors"
@@ -55,12 +55,7 @@ def decoder_parameter_count(model: nn.Module) -> int:
 
 def module_parameter_counts(model: nn.Module) -> torch.Tensor:
     """[2L] parameters of each (layer, branch) module, norms included, as routers count them."""
-    adapter = get_adapter(model)
-    counts = []
-    for layer in adapter.decoder_layers(model):
-        for kind in KINDS:
-            counts.append(sum(p.numel() for m in adapter.branch(layer, kind) if m is not None for p in m.parameters()))
-    return torch.tensor(counts, dtype=torch.float64)
+    return branch_parameter_counts(model, get_adapter(model))
 
 
 def _pruned_layer_forward(self: nn.Module, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
