@@ -50,6 +50,9 @@ class LoopSpec:
     # bf16 autocast is ours rather than Accelerator(mixed_precision=...): accelerate's state is a
     # process-wide singleton, so a second run in one process could not change its precision.
     bf16: bool = False
+    # perf_counter() time after which no step may start that would end past it (--budget-minutes):
+    # the loop then saves a checkpoint and returns early, so --resume can finish the schedule.
+    stop_at: float | None = None
 
 
 StepLoss = Callable[[torch.nn.Module, torch.Tensor, int], tuple[torch.Tensor, dict[str, float]]]
@@ -74,6 +77,8 @@ def run_loop(
     """Train for ``spec.steps`` optimizer steps; returns the last logged metrics.
 
     ``step_loss(model, batch, step)`` returns the loss of one micro-batch and metrics to log.
+    With ``spec.stop_at`` the loop also stops, checkpointed, before a step that would end past it
+    (judged by this session's mean step time), so a slowed machine cannot overrun a time budget.
     """
     rank, world = accelerator.process_index, accelerator.num_processes
     log_path = out_dir / LOG_NAME
@@ -146,8 +151,20 @@ def run_loop(
         bar.update(1)
         if (step + 1) % spec.save_every == 0 or step + 1 == spec.steps:
             save(step + 1, elapsed)
+        if spec.stop_at is not None and step + 1 < spec.steps and _past_deadline(accelerator, spec.stop_at, t0, step + 1 - start_step):
+            if (step + 1) % spec.save_every:
+                save(step + 1, elapsed)
+            break
     bar.close()
     return metrics
+
+
+def _past_deadline(accelerator: Accelerator, stop_at: float, t0: float, steps_done: int) -> bool:
+    """Whether one more step, at this session's mean pace, would end past ``stop_at``; every
+    process gets the same answer so that none waits in a collective the others left."""
+    now = time.perf_counter()
+    late = now + (now - t0) / steps_done > stop_at
+    return bool(accelerator.reduce(torch.tensor([float(late)], device=accelerator.device), "sum").item() > 0)
 
 
 def run_summary(accelerator: Accelerator, last: dict[str, Any], start: float) -> dict[str, Any]:

@@ -91,17 +91,20 @@ CALIBRATION_PASSES = 8  # one-pass first guess, bracketing and bisection take 5-
 
 
 def _size_to_budget(model: torch.nn.Module, train_ids: torch.Tensor, calib_ids: torch.Tensor | None, cfg: TuneConfig,
-                    out: Path, resume: bool, accelerator: Accelerator) -> dict[str, Any]:
-    """Set ``cfg.steps`` so that tuning and calibration fit ``cfg.budget_minutes`` here.
+                    out: Path, resume: bool, accelerator: Accelerator) -> tuple[dict[str, Any], float | None]:
+    """Set ``cfg.steps`` so that tuning and calibration fit ``cfg.budget_minutes`` here; return
+    the sizing record and the time by which training must stop (``LoopSpec.stop_at``).
 
     Times one warm-up and two measured micro-batches of the real loss (no optimizer step, so the
-    routers are untouched) and one calibration forward. A resumed run keeps the step count it
-    was started with: the τ schedule and the data order depend on it.
+    routers are untouched) and one calibration forward. The probe sizes the τ schedule; the stop
+    time holds the budget when the machine slows down later (shared CPUs do). A resumed run keeps
+    the step count it was started with, since the τ schedule and the data order depend on it, and
+    finishes that schedule without a stop time.
     """
     saved = checkpoint.find(out) if resume else None
     if saved is not None:
         cfg.steps = checkpoint.load_trainer_state(saved)["fingerprint"]["tune"]["steps"]
-        return {"budget_minutes": cfg.budget_minutes, "steps": cfg.steps, "resumed": True}
+        return {"budget_minutes": cfg.budget_minutes, "steps": cfg.steps, "resumed": True}, None
     start = time.perf_counter()
     batch = train_ids[: cfg.batch_size].to(next(model.parameters()).device)
     autocast = torch.autocast(batch.device.type, dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
@@ -129,8 +132,9 @@ def _size_to_budget(model: torch.nn.Module, train_ids: torch.Tensor, calib_ids: 
             f"calibration about {calib_s:.0f} s); give more minutes or set --steps"
         )
     cfg.steps = broadcast_object_list([steps])[0]  # every process trains the same schedule
-    return {"budget_minutes": cfg.budget_minutes, "steps": cfg.steps, "probe_step_s": round(step_s, 3),
+    info = {"budget_minutes": cfg.budget_minutes, "steps": cfg.steps, "probe_step_s": round(step_s, 3),
             "calibration_estimate_s": round(calib_s, 1), "resumed": False}
+    return info, start + cfg.budget_minutes * 60 - calib_s
 
 
 def tune_routers(
@@ -168,7 +172,7 @@ def tune_routers(
     ddp_model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     state = routing_state(model)
     state.checkpointing = cfg.gradient_checkpointing
-    budget = _size_to_budget(model, train_ids, calib_ids, cfg, out, resume, accelerator) if cfg.budget_minutes else None
+    budget, stop_at = _size_to_budget(model, train_ids, calib_ids, cfg, out, resume, accelerator) if cfg.budget_minutes else (None, None)
     fingerprint = {"tune": cfg.to_dict(), "router": {**state.config.to_dict(), "threshold": 0.0}, "data_shape": list(train_ids.shape)}
 
     def step_loss(m: torch.nn.Module, batch: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -181,12 +185,18 @@ def tune_routers(
     start = time.perf_counter()
     last = run_loop(
         accelerator, ddp_model, optimizer, scheduler, train_ids,
-        LoopSpec(cfg.steps, cfg.batch_size, cfg.grad_accum, cfg.seed, cfg.save_every, fingerprint, cfg.bf16),
+        LoopSpec(cfg.steps, cfg.batch_size, cfg.grad_accum, cfg.seed, cfg.save_every, fingerprint, cfg.bf16, stop_at),
         step_loss, out, resume=resume,
         weights=lambda: routers_state_dict(model),
         load_weights=lambda w: load_routers_state_dict(model, w),
         desc="router tuning", progress=progress,
     )
+    stopped_early = last.get("step", cfg.steps - 1) + 1 < cfg.steps
+    if stopped_early:
+        budget = {**budget, "stopped_at_step": last["step"] + 1}
+        if accelerator.is_main_process:
+            print(f"skipgpt: the {cfg.budget_minutes} min budget ran out after {last['step'] + 1} of {cfg.steps} steps "
+                  f"(the machine ran slower than the probe); routers are saved and calibrated, and --resume finishes the schedule")
     model.eval()
     state.checkpointing = False
     set_gate_mode(model, "argmax")
@@ -210,6 +220,7 @@ def tune_routers(
     if accelerator.is_main_process:
         save_routers(model, out, extra={"training": cfg.to_dict(), **(meta or {})})
         write_json(out / RESULTS_NAME, results)
-        checkpoint.remove(out)
+        if not stopped_early:
+            checkpoint.remove(out)
     accelerator.wait_for_everyone()
     return results
