@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import time
 import types
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -239,6 +239,31 @@ def _choose_sliced_dim(model: nn.Module, ratio: float, round_interval: int, slic
 
 
 @torch.no_grad()
+def _rotate_and_slice_half(layer: nn.Module, module: nn.Module, in_names: tuple[str, ...], out_name: str,
+                           shortcut_name: str, q: torch.Tensor, inputs: list[torch.Tensor], sliced: int, out: int,
+                           run_half: Callable[[list[torch.Tensor]], list[torch.Tensor]]) -> tuple[list[torch.Tensor], torch.Tensor, float]:
+    """Rotate and slice one residual half (attention or MLP) of a SliceGPT layer.
+
+    Its input projections read the ``sliced`` leading directions of basis ``q``; its outputs on the
+    calibration text (computed through the new shortcut) give the next basis by PCA, into which
+    its output projection and shortcut write ``out`` directions. Returns the half's outputs, the
+    next basis and the share of variance the kept directions hold.
+    """
+    dtype = getattr(module, in_names[0]).weight.dtype
+    for name in in_names:
+        linear = getattr(module, name)
+        _set_weight(linear, linear.weight.double() @ q[:, :sliced])
+    shortcut = q.T[:sliced, :]  # back to the original basis for the PCA below
+    setattr(layer, shortcut_name, nn.Parameter(shortcut.to(dtype)))
+    outputs = run_half([(x.double() @ q[:, :sliced]).to(dtype) for x in inputs])
+    q_next, values = _pca(outputs)
+    setattr(layer, shortcut_name, nn.Parameter((shortcut @ q_next[:, :out]).to(dtype)))
+    proj = getattr(module, out_name)
+    _set_weight(proj, (q_next.T @ proj.weight.double())[:out],
+                None if proj.bias is None else (proj.bias.double() @ q_next)[:out])
+    return outputs, q_next, float(values[:sliced].sum() / values.sum())
+
+
 def _pca(signals: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvectors (columns, by decreasing eigenvalue) and eigenvalues of sum x x^T in float64,
     damped by 1% of the mean diagonal as SliceGPT's ``pca_calc``."""
@@ -334,36 +359,16 @@ def prune_slicegpt(
         kwargs = [kw for _, kw in inputs]
         for index, layer in enumerate(tqdm(layers, desc="SliceGPT rotate+slice", leave=False)):
             out = dim if not slice_head and index == len(layers) - 1 else sliced
-            attn, mlp = layer.self_attn, layer.mlp
-            dtype = attn.q_proj.weight.dtype
-            # attention inputs in the basis of the layer input
-            for name in ATTN_IN:
-                linear = getattr(attn, name)
-                _set_weight(linear, linear.weight.double() @ q[:, :sliced])
-            shortcut = q.T[:sliced, :]  # back to the original basis for the PCA below
-            layer.attn_shortcut_Q = nn.Parameter(shortcut.to(dtype))
-            sliced_in = [(x.double() @ q[:, :sliced]).to(dtype) for x in hidden]
-            mid = [_attn_half(layer, x, kw) for x, kw in zip(sliced_in, kwargs)]
-            q_mid, values = _pca(mid)
-            kept_variance.append(float(values[:sliced].sum() / values.sum()))
-            layer.attn_shortcut_Q = nn.Parameter((shortcut @ q_mid[:, :sliced]).to(dtype))
-            o_proj = getattr(attn, ATTN_OUT)
-            _set_weight(o_proj, (q_mid.T @ o_proj.weight.double())[:sliced],
-                        None if o_proj.bias is None else (o_proj.bias.double() @ q_mid)[:sliced])
-            # MLP inputs in the basis between attention and MLP
-            for name in MLP_IN:
-                linear = getattr(mlp, name)
-                _set_weight(linear, linear.weight.double() @ q_mid[:, :sliced])
-            shortcut = q_mid.T[:sliced, :]
-            layer.mlp_shortcut_Q = nn.Parameter(shortcut.to(dtype))
-            sliced_mid = [(x.double() @ q_mid[:, :sliced]).to(dtype) for x in mid]
-            hidden = [_mlp_half(layer, x) for x in sliced_mid]
-            q, values = _pca(hidden)
-            kept_variance.append(float(values[:sliced].sum() / values.sum()))
-            layer.mlp_shortcut_Q = nn.Parameter((shortcut @ q[:, :out]).to(dtype))
-            down = getattr(mlp, MLP_OUT)
-            _set_weight(down, (q.T @ down.weight.double())[:out],
-                        None if down.bias is None else (down.bias.double() @ q)[:out])
+            # attention reads the layer input's basis q and writes the one between its two halves;
+            # the MLP reads that one and writes the next layer's input basis
+            mid, q_mid, kept = _rotate_and_slice_half(
+                layer, layer.self_attn, ATTN_IN, ATTN_OUT, "attn_shortcut_Q", q, hidden, sliced, sliced,
+                lambda xs: [_attn_half(layer, x, kw) for x, kw in zip(xs, kwargs)])
+            kept_variance.append(kept)
+            hidden, q, kept = _rotate_and_slice_half(
+                layer, layer.mlp, MLP_IN, MLP_OUT, "mlp_shortcut_Q", q_mid, mid, sliced, out,
+                lambda xs: [_mlp_half(layer, x) for x in xs])
+            kept_variance.append(kept)
         _set_weight(head, head.weight.double() @ q[:, :out], None if head.bias is None else head.bias.double())
 
     changed = [n for n, _ in model.named_parameters()]
