@@ -37,7 +37,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
 from skipgpt import RouterConfig, attach_routers, detach_routers, load_routers, measure_sparsity, routing_state
-from skipgpt.cost import FlopCount, ModelShape
+from skipgpt.cost import FlopCount, ModelShape, replacement_flops
 from skipgpt.models import load_model
 from skipgpt.report import table
 from skipgpt.surgery import load_routers_state_dict, routers_state_dict, write_json
@@ -158,8 +158,10 @@ def run_once(model: torch.nn.Module, cfg: Config, ids: torch.Tensor, new_tokens:
     def account(flops: FlopCount, tokens: int, context_start: int) -> None:
         context = torch.arange(context_start + 1, context_start + tokens + 1).expand(batch, tokens)
         gates = routing_state(model).stacked_gates().cpu() if routed else None
+        router = routing_state(model).config if routed else None
+        replacement = replacement_flops(shape.hidden, router.replacement, router.replacement_rank) if router else 0.0
         stored[0] = flops.add(shape, context, torch.ones(batch, tokens, dtype=torch.bool), gates, logits_tokens=batch,
-                              kv_policy=cfg.policy, keys_before=stored[0])
+                              kv_policy=cfg.policy, keys_before=stored[0], replacement=replacement)
 
     meter = measure_sparsity(model) if routed else contextlib.nullcontext()
     with torch.no_grad(), meter as sparsity:

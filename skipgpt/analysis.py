@@ -150,8 +150,10 @@ def routing_analysis(model: torch.nn.Module, ids: torch.Tensor, tokens: Sequence
     """Which modules each token of ``ids`` [T] executes, and the compute it uses."""
     ids = ids.flatten()
     gates = argmax_gates(model, ids)[0]  # [T, 2L]
-    params = routing_state(model).module_params.double()
-    param_frac = (gates.double() @ params) / params.sum()
+    state = routing_state(model)
+    params = state.module_params.double()
+    # A skipped module still costs its replacement, if the router set has one.
+    param_frac = (gates.double() @ params + (1 - gates.double()) @ state.replacement_params.double()) / params.sum()
     return {
         "kind": "routing",
         "shape": "executed[token][module] in {0, 1}; module m = 2*layer + (0 attention, 1 MLP)",

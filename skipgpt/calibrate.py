@@ -35,11 +35,11 @@ def _first_guess(model: torch.nn.Module, sequences: torch.Tensor, target: float,
         margins = [torch.cat(m) for m in state.margin_log]
     finally:
         state.margin_log = None
-    weights = state.module_params if unit == "params" else torch.ones(state.num_modules, dtype=torch.float64)
+    weights, total = (state.saved_params, state.module_params.sum()) if unit == "params" else (torch.ones(state.num_modules, dtype=torch.float64), state.num_modules)
     values = torch.cat(margins).double()
     mass = torch.cat([torch.full((len(m),), float(w) / len(m)) for m, w in zip(margins, weights)]).double()
     order = values.argsort()
-    cumulative = mass[order].cumsum(0) / weights.sum()
+    cumulative = mass[order].cumsum(0) / total
     k = int(torch.searchsorted(cumulative, torch.tensor(target, dtype=torch.float64)).clamp(max=len(values) - 1))
     return ratio, float(values[order][k])
 

@@ -71,6 +71,19 @@ def _tune_args(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--loss", choices=["nll", "kl"], default=d.loss, help="next-token NLL (paper) or KL to the dense model")
     p.add_argument("--tau-start", type=float, default=d.tau_start)
     p.add_argument("--tau-end", type=float, default=d.tau_end)
+    p.add_argument("--noise-start", type=float, default=d.noise_start, help="Gumbel noise scale at the first step")
+    p.add_argument("--noise-end", type=float, default=d.noise_end,
+                   help="Gumbel noise scale at the last step (0: the last steps train the argmax decisions inference deploys)")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default=d.lr_schedule)
+    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="cosine: final lr as a share of --lr")
+    p.add_argument("--hidden-distill", type=float, default=d.hidden_distill,
+                   help="weight of the hidden-state distillation term (relative error of every layer's residual stream; --loss kl)")
+    p.add_argument("--replacement", choices=["none", "bias", "lowrank"], default=RouterConfig.replacement,
+                   help="what a skipped module leaves: nothing (paper), a learned vector, or a low-rank map of the hidden state")
+    p.add_argument("--replacement-rank", type=int, default=RouterConfig.replacement_rank or 32,
+                   help="rank of --replacement lowrank (default: %(default)s)")
+    p.add_argument("--fit-sequences", type=int, default=d.fit_sequences,
+                   help="training sequences the replacements are fitted on before tuning")
     p.add_argument("--router", choices=["linear", "mlp"], default=RouterConfig.router)
     p.add_argument("--init", choices=["execute", "importance"], default=RouterConfig.init,
                    help="start from the dense model, or from the static module cut by Block Influence")
@@ -268,9 +281,12 @@ def _tune_config(args: argparse.Namespace) -> tuple[TuneConfig, RouterConfig]:
         grad_accum=args.grad_accum, seq_len=args.seq_len, lr=args.lr, tau_start=args.tau_start, tau_end=args.tau_end,
         loss=args.loss, bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
         save_every=args.save_every, calibrate=not args.no_calibrate, budget_minutes=args.budget_minutes,
+        noise_start=args.noise_start, noise_end=args.noise_end, lr_schedule=args.lr_schedule,
+        min_lr_ratio=args.min_lr_ratio, hidden_distill=args.hidden_distill, fit_sequences=args.fit_sequences,
     )
     router_cfg = RouterConfig(router=args.router, init=args.init, init_bias=args.init_bias, input_norm=not args.raw_input,
-                              kv_policy=args.kv_policy)
+                              kv_policy=args.kv_policy, replacement=args.replacement,
+                              replacement_rank=args.replacement_rank if args.replacement == "lowrank" else 0)
     return tune_cfg, router_cfg
 
 

@@ -60,6 +60,11 @@ class RouterConfig(JsonConfig):
     # exactly round(capacity × layers) layers (D-LLM's per-token budget).
     routing: Literal["skipgpt", "mod-d", "d-llm"] = "skipgpt"
     capacity: float = 1.0
+    # What a skipping token gets instead of the module's output: "none" (the paper: nothing),
+    # "bias" (a learned per-module vector) or "lowrank" (that vector plus a rank-
+    # ``replacement_rank`` map of the hidden state). Its cost is counted against the savings.
+    replacement: Literal["none", "bias", "lowrank"] = "none"
+    replacement_rank: int = 0
     # Filled in by attach_routers; used to refuse loading onto a different base model.
     model_type: str = ""
     hidden_size: int = 0
@@ -77,6 +82,11 @@ class RouterConfig(JsonConfig):
             raise SkipGPTError(f"routing must be 'skipgpt', 'mod-d' or 'd-llm', got {self.routing!r}")
         if not 0.0 < self.capacity <= 1.0:
             raise SkipGPTError(f"capacity (share of tokens or layers executed) must be in (0, 1], got {self.capacity}")
+        if self.replacement not in ("none", "bias", "lowrank"):
+            raise SkipGPTError(f"replacement must be 'none', 'bias' or 'lowrank', got {self.replacement!r}")
+        if (self.replacement == "lowrank") != (self.replacement_rank > 0) or self.replacement_rank < 0:
+            raise SkipGPTError(f"replacement 'lowrank' needs a replacement rank >= 1 and the others rank 0; got "
+                               f"{self.replacement!r} with rank {self.replacement_rank}")
 
 
 def check_target(target: float) -> float:
@@ -105,6 +115,20 @@ class TuneConfig(JsonConfig):
     weight_decay: float = 0.0
     tau_start: float = 5.0
     tau_end: float = 1.0
+    # Scale of the Gumbel noise, annealed linearly like τ. 1 throughout is the paper's sampler,
+    # whose hard samples skip far more than argmax routing does on the same routers; ending at 0
+    # trains, in the last steps, exactly the decisions that inference deploys.
+    noise_start: float = 1.0
+    noise_end: float = 1.0
+    # "cosine" decays the learning rate to min_lr_ratio × lr over the run; "constant" is the paper's.
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.1
+    # Weight of the hidden-state distillation term (KL loss only): the mean over layers of the
+    # routed residual stream's squared error to the dense one, relative to the dense one's power.
+    hidden_distill: float = 0.0
+    # Training sequences on which replacements (RouterConfig.replacement) are fitted to the dense
+    # modules before tuning starts.
+    fit_sequences: int = 32
     # KL to the frozen dense model beat the paper's next-token NLL by 4x in perplexity at the same
     # CPU budget (docs/small-budget.md), so it is the default; "nll" is the paper's recipe.
     loss: Literal["nll", "kl"] = "kl"
@@ -127,7 +151,14 @@ class TuneConfig(JsonConfig):
             raise SkipGPTError(f"target unit must be 'params' or 'modules', got {self.target_unit!r}")
         if self.loss not in ("nll", "kl"):
             raise SkipGPTError(f"loss must be 'nll' or 'kl', got {self.loss!r}")
-        for name in ("steps", "batch_size", "grad_accum", "seq_len", "save_every"):
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise SkipGPTError(f"lr schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if self.hidden_distill and self.loss != "kl":
+            raise SkipGPTError("hidden-state distillation needs the dense model as teacher: use it with --loss kl")
+        for name in ("noise_start", "noise_end", "hidden_distill"):
+            if getattr(self, name) < 0:
+                raise SkipGPTError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "save_every", "fit_sequences"):
             if getattr(self, name) < 1:
                 raise SkipGPTError(f"{name} must be at least 1, got {getattr(self, name)}")
         self.betas = tuple(self.betas)  # JSON gives a list back

@@ -8,6 +8,8 @@ counts multiply-accumulate FLOPs per token from the routing decisions of a run:
   KV policy ``drop``: nothing for a skipping token, and a query sees only the keys of tokens
   that executed that layer's attention;
 * MLP: all of it, only when executed;
+* a skipped module's replacement, where the router set has one: one add of its vector, plus
+  2·(2·d·r) for a rank-r map of the hidden state;
 * the LM head for every position whose logits are computed.
 
 Norms, routers, rotary embeddings and the embedding lookup are left out (they are small, and
@@ -55,9 +57,10 @@ class FlopCount:
 
     def add(self, shape: ModelShape, context: torch.Tensor, token_mask: torch.Tensor,
             gates: torch.Tensor | None, logits_tokens: int, kv_policy: str = "keep",
-            keys_before: torch.Tensor | None = None) -> torch.Tensor | None:
+            keys_before: torch.Tensor | None = None, replacement: float = 0.0) -> torch.Tensor | None:
         """One forward: ``context`` [B, T] keys each query sees, ``token_mask`` [B, T] real tokens,
-        ``gates`` [2L, B, T] execute decisions (None: dense), ``logits_tokens`` LM-head positions.
+        ``gates`` [2L, B, T] execute decisions (None: dense), ``logits_tokens`` LM-head positions,
+        ``replacement`` the FLOPs a skipped (token, module) pair still costs (:func:`replacement_flops`).
 
         Under ``drop``, ``keys_before`` [L, B] counts the keys each layer already stores; the
         updated counts are returned for the next call.
@@ -77,6 +80,7 @@ class FlopCount:
             return None
         g = gates.to(torch.float64) * real
         attn, ffn = g[0::2], g[1::2]
+        self.executed += replacement * (real.sum().item() * gates.shape[0] - g.sum().item())
         if kv_policy == "drop":
             before = torch.zeros(attn.shape[:2], dtype=torch.float64) if keys_before is None else keys_before
             seen = before[..., None] + attn.cumsum(-1)  # keys stored at this layer up to each query
@@ -85,3 +89,10 @@ class FlopCount:
         self.executed += (shape.layers * n * kv + qo * attn.sum().item() + core * (attn * ctx).sum().item()
                           + mlp * ffn.sum().item() + head)
         return None
+
+
+def replacement_flops(hidden: int, replacement: str, rank: int) -> float:
+    """FLOPs of one skipped module's replacement for one token (RouterConfig.replacement)."""
+    if replacement == "none":
+        return 0.0
+    return float(hidden + (2 * 2 * hidden * rank if replacement == "lowrank" else 0))

@@ -12,6 +12,10 @@ which turns the gate into saved work:
   (padded to the longest in the batch) and attend through the model's own attention kernel
   (SDPA or eager) with the causal/padding mask rows of their own positions.
 
+* A skipping token gets its module's replacement where the router set has one (a learned
+  vector, or a low-rank map of its hidden state: :class:`~skipgpt.routers.Replacement`),
+  computed for the gathered skipping tokens only, never the module itself.
+
 * Attention, KV policy ``drop`` (routers trained with ``--kv-policy drop``): a skipping token
   writes no keys or values at that layer and no later token attends to it there. Only executing
   tokens run any of the attention branch, and :class:`DroppedKVCache` stores their keys and
@@ -107,6 +111,19 @@ def _mlp_update(norm: nn.Module, mlp: nn.Module, post_norm: nn.Module | None,
     if post_norm is not None:
         out = post_norm(out)
     return torch.zeros_like(flat).index_copy_(0, index, out.to(flat.dtype)).view_as(hidden)
+
+
+def replace_skipped(replacement: nn.Module, hidden: torch.Tensor, skipping: torch.Tensor,
+                    update: torch.Tensor | None) -> torch.Tensor | None:
+    """Add what skipping tokens get instead of the module (its :class:`~skipgpt.routers.Replacement`),
+    computed on the gathered skipping tokens only; padding gets nothing."""
+    index = skipping.flatten().nonzero().squeeze(1)
+    if index.numel() == 0:
+        return update
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    out = replacement(flat.index_select(0, index))
+    base = torch.zeros_like(flat) if update is None else update.reshape(flat.shape)
+    return base.index_add_(0, index, out.to(flat.dtype)).view_as(hidden)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

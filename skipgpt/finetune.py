@@ -26,6 +26,7 @@ from .errors import SkipGPTError
 from .surgery import (
     gate_mode,
     has_routers,
+    layer_outputs,
     load_routers_state_dict,
     router_parameters,
     routers_state_dict,
@@ -35,7 +36,7 @@ from .surgery import (
     write_json,
 )
 from .training import LoopSpec, run_loop, run_summary
-from .tune import RESULTS_NAME, lm_loss, routed_loss, tau_at
+from .tune import RESULTS_NAME, Teacher, TeacherOutput, lm_loss, routed_loss, tau_at
 
 Mode = Literal["routed", "joint", "dense"]
 ADAPTER_CONFIG = "adapter_config.json"
@@ -102,13 +103,13 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> PeftModel:
         ) from None
 
 
-def _base_logits(peft_model: PeftModel) -> Any:
+def _base_model_teacher(peft_model: PeftModel) -> Teacher:
     """Distillation target for stage 2: the base model itself, adapters off, every module on."""
 
-    def teacher(_model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    def teacher(_model: torch.nn.Module, batch: torch.Tensor, hidden: bool = False) -> TeacherOutput:
         routing = gate_mode(peft_model, "dense") if has_routers(peft_model) else contextlib.nullcontext()
-        with torch.no_grad(), peft_model.disable_adapter(), routing:
-            return peft_model(input_ids=batch, use_cache=False).logits.float()
+        with torch.no_grad(), peft_model.disable_adapter(), routing, layer_outputs(peft_model, hidden) as states:
+            return peft_model(input_ids=batch, use_cache=False).logits.float(), states
 
     return teacher
 
@@ -151,17 +152,17 @@ def finetune(
     optimizer = torch.optim.AdamW(groups, betas=cfg.betas, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.warmup_ratio * cfg.steps), cfg.steps)
     ddp_model, optimizer, scheduler = accelerator.prepare(peft_model, optimizer, scheduler)
-    teacher = _base_logits(peft_model)
+    teacher = _base_model_teacher(peft_model)
 
     def step_loss(m: torch.nn.Module, batch: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         if cfg.mode == "joint":
             tau = tau_at(step, cfg.steps, cfg.joint.tau_start, cfg.joint.tau_end)
             set_gate_mode(model, "gumbel", tau=tau)
-            loss, parts = routed_loss(m, batch, TuneConfig.from_dict({**cfg.joint.to_dict(), "loss": cfg.loss}), teacher)
+            loss, parts = routed_loss(m, batch, TuneConfig.from_dict({**cfg.joint.to_dict(), "loss": cfg.loss, "hidden_distill": 0.0}), teacher)
             return loss, {**parts, "tau": tau}
         if routed:
             set_gate_mode(model, "argmax")  # frozen routers, deterministic decisions
-        loss = lm_loss(m, batch, cfg.loss, teacher)
+        loss, _ = lm_loss(m, batch, cfg.loss, teacher)
         parts = {"lm_loss": float(loss.detach())}
         if routed:
             parts["sparsity"] = float(routing_state(model).last_stats().params)

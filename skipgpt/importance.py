@@ -37,11 +37,12 @@ def module_importance(model: torch.nn.Module, sequences: torch.Tensor, batch_siz
     return 1.0 - total / count.clamp(min=1)
 
 
-def static_skip_set(importance: torch.Tensor, weights: torch.Tensor, target: float) -> torch.Tensor:
-    """Boolean [2L]: the least important modules whose weight adds up to ``target`` of the total
-    (the last one taken only if that lands closer to the target than stopping before it)."""
+def static_skip_set(importance: torch.Tensor, weights: torch.Tensor, target: float, total: float | None = None) -> torch.Tensor:
+    """Boolean [2L]: the least important modules whose weight adds up to ``target`` of ``total``
+    (default: the sum of the weights; the last one taken only if that lands closer to the target
+    than stopping before it)."""
     skip = torch.zeros_like(importance, dtype=torch.bool)
-    share = weights.double() / weights.double().sum()
+    share = weights.double() / (weights.double().sum() if total is None else total)
     done = 0.0
     for m in importance.argsort().tolist():
         if abs(done + share[m] - target) > abs(done - target):
@@ -57,8 +58,10 @@ def seed_routers_from_importance(model: torch.nn.Module, sequences: torch.Tensor
     module cut (lowest Block Influence first) at the target ratio."""
     state = routing_state(model)
     importance = module_importance(model, sequences)
-    weights = state.module_params if unit == "params" else torch.ones(state.num_modules, dtype=torch.float64)
-    skip = static_skip_set(importance, weights, target)
+    if unit == "params":
+        skip = static_skip_set(importance, state.saved_params, target, float(state.module_params.sum()))
+    else:
+        skip = static_skip_set(importance, torch.ones(state.num_modules, dtype=torch.float64), target)
     strength = state.config.init_bias
     for index, layer in enumerate(state.adapter.decoder_layers(model)):
         for offset, kind in enumerate(("attn", "mlp")):

@@ -18,8 +18,49 @@ GateMode = Literal["gumbel", "argmax", "dense", "fixed"]
 GATE_MODES: tuple[str, ...] = ("gumbel", "argmax", "dense", "fixed")
 
 
+def rms_normalised(x: torch.Tensor) -> torch.Tensor:
+    """Parameter-free RMS norm: the residual stream's scale grows by orders of magnitude with
+    depth, which would otherwise need one learning rate per layer."""
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+class Replacement(nn.Module):
+    """What a skipped module leaves in the residual stream instead of nothing: ``b + U·D·x̂``.
+
+    ``b`` alone (rank 0) is the module's mean output, one add per token. A rank-r map of the
+    RMS-normalised hidden state ``x̂`` adds what the token's own state predicts of the output
+    (2·d·r parameters, r ≪ d; the branch's own norm weight folds into ``D``). Both are fitted to
+    the dense module on data before tuning (:func:`skipgpt.tune.fit_replacements`) and then
+    trained with the routers. Raw parameters, not ``nn.Linear``: LoRA's target names
+    (``up_proj``, ...) must never match them.
+    """
+
+    def __init__(self, hidden_size: int, rank: int):
+        super().__init__()
+        self.rank = rank
+        self.bias = nn.Parameter(torch.zeros(hidden_size))
+        if rank:
+            self.down = nn.Parameter(torch.zeros(rank, hidden_size))
+            self.up = nn.Parameter(torch.zeros(hidden_size, rank))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = self.bias.expand(*hidden.shape[:-1], -1)
+        if self.rank:
+            out = out + (rms_normalised(hidden) @ self.down.t()) @ self.up.t()
+        return out.to(hidden.dtype)
+
+    def cost(self) -> int:
+        """Parameters, which is also multiply-accumulates per token."""
+        return sum(p.numel() for p in self.parameters())
+
+
 class Router(nn.Module):
-    """``W x -> (skip, execute)`` logits; ``mlp`` is the reference code's d -> d/4 -> 2 variant."""
+    """``W x -> (skip, execute)`` logits; ``mlp`` is the reference code's d -> d/4 -> 2 variant.
+
+    With ``config.replacement`` it also holds the :class:`Replacement` a skipping token gets, so
+    a router set (weights and config) is everything routing adds to the base model.
+    """
 
     def __init__(self, hidden_size: int, config: RouterConfig):
         super().__init__()
@@ -34,6 +75,7 @@ class Router(nn.Module):
             last = self.net[-1]
         with torch.no_grad():
             last.bias.copy_(torch.tensor([0.0, config.init_bias]))
+        self.replacement = None if config.replacement == "none" else Replacement(hidden_size, config.replacement_rank)
         self._difference: tuple[tuple[int, ...], torch.Tensor, float] | None = None
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
@@ -45,13 +87,7 @@ class Router(nn.Module):
         return self
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        x = hidden.float()
-        if self.input_norm:
-            # Parameter-free RMS norm: the residual stream's scale grows by orders of
-            # magnitude with depth, which would otherwise need one learning rate per layer.
-            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
-        return self.net(x)
-
+        return self.net(rms_normalised(hidden) if self.input_norm else hidden.float())
 
     def execute(self, hidden: torch.Tensor, threshold: float) -> torch.Tensor:
         """Argmax decision ``margin > threshold`` as a bool [..], at a fraction of the cost.
@@ -81,14 +117,22 @@ def margin(logits: torch.Tensor) -> torch.Tensor:
     return logits[..., 1] - logits[..., 0]
 
 
-def execute_gate(logits: torch.Tensor, mode: GateMode, tau: float, threshold: float) -> torch.Tensor:
+def execute_gate(logits: torch.Tensor, mode: GateMode, tau: float, threshold: float, noise: float = 1.0) -> torch.Tensor:
     """Execute gate in {0, 1} with shape ``logits.shape[:-1]``.
 
     ``gumbel``: hard one-hot forward, soft Gumbel-softmax gradient backward (straight-through).
+    ``noise`` scales the Gumbel noise: 1 is the paper's sampler (the same draws as
+    ``F.gumbel_softmax``), 0 makes the forward decision the argmax one that inference deploys,
+    with the straight-through gradient of the tempered softmax unchanged.
     ``argmax``: deterministic inference decision, no gradient.
     """
     if mode == "gumbel":
-        return F.gumbel_softmax(logits, tau=tau, hard=True)[..., 1]
+        if noise == 1.0:
+            return F.gumbel_softmax(logits, tau=tau, hard=True)[..., 1]
+        gumbels = -torch.empty_like(logits).exponential_().log() * noise if noise else torch.zeros_like(logits)
+        soft = ((logits + gumbels) / tau).softmax(-1)[..., 1]
+        hard = (soft > 0.5).to(soft.dtype)
+        return hard - soft.detach() + soft
     if mode == "argmax":
         return (margin(logits) > threshold).to(logits.dtype)
     raise ValueError(f"execute_gate does not handle mode {mode!r}")

@@ -23,12 +23,14 @@ from transformers import DynamicCache
 
 from .adapters import ArchAdapter, get_adapter
 from .config import RouterConfig
-from .engine import DroppedKVCache, drop_policy_mask, skip_branch
+from .engine import DroppedKVCache, drop_policy_mask, replace_skipped, skip_branch
 from .errors import SkipGPTError
 from .routers import GATE_MODES, GateMode, Router, budget_gate, execute_gate, margin, topk_gate
 from .sparsity import SparsityMeter, SparsityStats, gate_stats
 
 CONFIG_NAME = "router_config.json"
+# Version 2 added replacements; a version-1 set was trained without them, whatever today's default.
+FORMAT_VERSION = 2
 WEIGHTS_NAME = "routers.safetensors"
 KINDS = ("attn", "mlp")
 
@@ -37,16 +39,21 @@ class RoutingState:
     """Shared by all routed layers of one model: how gates are decided, and what the last
     forward decided (kept with gradients, so the trainer can put sparsity in the loss)."""
 
-    def __init__(self, config: RouterConfig, adapter: ArchAdapter, module_params: torch.Tensor):
+    def __init__(self, config: RouterConfig, adapter: ArchAdapter, module_params: torch.Tensor,
+                 replacement_params: torch.Tensor | None = None):
         self.config = config
         self.adapter = adapter
         self.module_params = module_params
+        # What a skipped (token, module) pair still costs: its replacement. Parameter ratios count
+        # what is saved, module_params - replacement_params, so replacements are never free.
+        self.replacement_params = torch.zeros_like(module_params) if replacement_params is None else replacement_params
         self.mode: GateMode = "argmax"
         self.checkpointing = False  # recompute each layer in backward to save activation memory
         # Inference (no gradient, deterministic gates) runs only what executes (engine.py);
         # False computes every branch and multiplies by the gate, the reference it must equal.
         self.skip_compute = True
         self.tau = 1.0
+        self.noise = 1.0  # scale of the Gumbel noise in training (0: the argmax decision, straight-through)
         self.fixed_gates: torch.Tensor | None = None
         self.token_mask: torch.Tensor | None = None
         self.gates: list[torch.Tensor | None] = [None] * len(module_params)
@@ -64,6 +71,11 @@ class RoutingState:
     def num_modules(self) -> int:
         return len(self.module_params)
 
+    @property
+    def saved_params(self) -> torch.Tensor:
+        """Parameters a skip saves per module: the weights of parameter ratios."""
+        return self.module_params - self.replacement_params
+
     def decide(self, router: Router, hidden: torch.Tensor, index: int) -> torch.Tensor:
         if self.config.routing != "skipgpt" and self.mode in ("gumbel", "argmax"):
             gate = self._baseline_decision(router, hidden, index)
@@ -77,7 +89,7 @@ class RoutingState:
             gate = router.execute(hidden, self.config.threshold)  # bool, the inference fast path
         else:
             logits = router(hidden)
-            gate = execute_gate(logits, self.mode, self.tau, self.config.threshold)
+            gate = execute_gate(logits, self.mode, self.tau, self.config.threshold, self.noise)
             if self.margin_log is not None:
                 real = margin(logits) if self.token_mask is None else margin(logits)[self.token_mask]
                 self.margin_log[index].append(real.detach().flatten().cpu())
@@ -108,7 +120,7 @@ class RoutingState:
 
     def last_stats(self) -> SparsityStats:
         """Sparsity of the last forward pass, differentiable through the gates."""
-        return gate_stats(self.stacked_gates(), self.token_mask, self.module_params)
+        return gate_stats(self.stacked_gates(), self.token_mask, self.module_params, self.replacement_params)
 
 
 def _routed_layer_forward(self: nn.Module, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
@@ -130,7 +142,8 @@ def _routed_layer_body(self: nn.Module, hidden_states: torch.Tensor, **kwargs: A
     for offset, kind in enumerate(KINDS):
         index = 2 * self.skipgpt_index + offset
         norm, module, post_norm = state.adapter.branch(self, kind)
-        gate = state.decide(self.skip_routers[kind], hidden_states, index)
+        router = self.skip_routers[kind]
+        gate = state.decide(router, hidden_states, index)
         execute = (gate if gate.dtype == torch.bool else gate > 0) if sparse else None
         if execute is not None and state.token_mask is not None:
             execute = execute & state.token_mask  # padding runs nothing
@@ -138,6 +151,9 @@ def _routed_layer_body(self: nn.Module, hidden_states: torch.Tensor, **kwargs: A
         if execute is not None and (drop or not bool(execute.all() if execute.numel() > 1 else execute)):
             window = state.adapter.attention_window(module) if kind == "attn" else None
             update = skip_branch(kind, norm, module, post_norm, hidden_states, execute, kwargs, state.config.kv_policy, window)
+            if router.replacement is not None:
+                skipping = ~execute if state.token_mask is None else state.token_mask & ~execute
+                update = replace_skipped(router.replacement, hidden_states, skipping, update)
         else:
             out = norm(hidden_states)
             if drop:  # the masked computation of "drop": keys of skipping tokens are hidden
@@ -148,7 +164,12 @@ def _routed_layer_body(self: nn.Module, hidden_states: torch.Tensor, **kwargs: A
                 out = module(hidden_states=out, **kwargs)[0] if kind == "attn" else module(out)
             if post_norm is not None:
                 out = post_norm(out)
-            update = out if execute is not None else gate.unsqueeze(-1).to(out.dtype) * out
+            if execute is not None:
+                update = out
+            else:  # x + g·f(x) + (1 − g)·h(x): the straight-through gradient sees f − h
+                g = gate.unsqueeze(-1).to(out.dtype)
+                dense = router.replacement is None or state.mode == "dense"
+                update = g * out if dense else g * out + (1 - g) * router.replacement(hidden_states)
         if state.observers:
             update = torch.zeros_like(hidden_states) if update is None else update
             for observe in state.observers:
@@ -202,10 +223,14 @@ def attach_routers(model: nn.Module, config: RouterConfig | None = None) -> nn.M
     config.hidden_size = text_config.hidden_size
     config.num_layers = len(layers)
     config.base_model = config.base_model or str(getattr(model.config, "_name_or_path", ""))
-    state = RoutingState(config, adapter, branch_parameter_counts(model, adapter))
-    for index, layer in enumerate(layers):
+    replacement_params = []
+    for layer in layers:
         device = next(layer.parameters()).device
         layer.skip_routers = nn.ModuleDict({k: Router(config.hidden_size, config) for k in KINDS}).to(device)
+        replacement_params += [r.replacement.cost() if r.replacement is not None else 0 for r in layer.skip_routers.values()]
+    state = RoutingState(config, adapter, branch_parameter_counts(model, adapter),
+                         torch.tensor(replacement_params, dtype=torch.float64))
+    for index, layer in enumerate(layers):
         layer.skipgpt_index = index
         layer.skipgpt_state = state
         layer.forward = types.MethodType(_routed_layer_forward, layer)
@@ -246,16 +271,20 @@ def router_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def set_gate_mode(
-    model: nn.Module, mode: GateMode, *, tau: float | None = None, gates: torch.Tensor | None = None
+    model: nn.Module, mode: GateMode, *, tau: float | None = None, noise: float | None = None,
+    gates: torch.Tensor | None = None,
 ) -> None:
-    """Switch between training (``gumbel``), inference (``argmax``), no routing (``dense``)
-    and externally given decisions (``fixed``, gates of shape [2L] or [2L, B, T])."""
+    """Switch between training (``gumbel``, with temperature ``tau`` and Gumbel ``noise`` scale),
+    inference (``argmax``), no routing (``dense``) and externally given decisions (``fixed``,
+    gates of shape [2L] or [2L, B, T])."""
     if mode not in GATE_MODES:
         raise SkipGPTError(f"gate mode must be one of {GATE_MODES}, got {mode!r}")
     state = routing_state(model)
     state.mode = mode
     if tau is not None:
         state.tau = tau
+    if noise is not None:
+        state.noise = noise
     if mode == "fixed":
         if gates is None or gates.shape[0] != state.num_modules:
             raise SkipGPTError(f"fixed gates need a first dimension of {state.num_modules} (2 x layers)")
@@ -265,19 +294,38 @@ def set_gate_mode(
 @contextlib.contextmanager
 def gate_mode(model: nn.Module, mode: GateMode, **kwargs: Any) -> Iterator[RoutingState]:
     state = routing_state(model)
-    saved = (state.mode, state.tau, state.fixed_gates)
+    saved = (state.mode, state.tau, state.noise, state.fixed_gates)
     set_gate_mode(model, mode, **kwargs)
     try:
         yield state
     finally:
-        state.mode, state.tau, state.fixed_gates = saved
+        state.mode, state.tau, state.noise, state.fixed_gates = saved
+
+
+@contextlib.contextmanager
+def layer_outputs(model: nn.Module, enabled: bool = True) -> Iterator[list[torch.Tensor] | None]:
+    """The residual stream after each decoder layer, for the forwards inside the block (in order,
+    with their gradients). Found through the routed layers themselves, so any wrapper (DDP, PEFT)
+    around the model is fine."""
+    if not enabled:
+        yield None
+        return
+    layers = sorted((m for m in model.modules() if hasattr(m, "skipgpt_index")), key=lambda m: m.skipgpt_index)
+    captured: list[torch.Tensor] = []
+    hooks = [layer.register_forward_hook(lambda _m, _a, out: captured.append(out[0] if isinstance(out, tuple) else out))
+             for layer in layers]
+    try:
+        yield captured
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 @contextlib.contextmanager
 def measure_sparsity(model: nn.Module) -> Iterator[SparsityMeter]:
     """Accumulate gate statistics over every forward inside the block."""
     state = routing_state(model)
-    state.meter = SparsityMeter(state.module_params)
+    state.meter = SparsityMeter(state.module_params, state.replacement_params)
     try:
         yield state.meter
     finally:
@@ -325,7 +373,7 @@ def save_routers(model: nn.Module, out_dir: str | os.PathLike, extra: dict[str, 
     """``router_config.json`` + ``routers.safetensors``: small, and loadable onto the base model."""
     state = routing_state(model)
     out = Path(out_dir)
-    write_json(out / CONFIG_NAME, {"format": "skipgpt-routers", "version": 1, "router": state.config.to_dict(), **(extra or {})})
+    write_json(out / CONFIG_NAME, {"format": "skipgpt-routers", "version": FORMAT_VERSION, "router": state.config.to_dict(), **(extra or {})})
     _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(routers_state_dict(model), tmp, metadata={"format": "pt"}))
     return out
 
@@ -336,8 +384,10 @@ def read_router_config(router_dir: str | os.PathLike) -> dict[str, Any]:
         raise SkipGPTError(f"no {CONFIG_NAME} in {router_dir}: pass the output directory of 'skipgpt tune'")
     try:
         data = json.loads(path.read_text())
+        if data.get("version", 1) < 2:
+            data["router"] = {"replacement": "none", "replacement_rank": 0, **data["router"]}
         RouterConfig.from_dict(data["router"])
-    except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    except (ValueError, KeyError, TypeError, AttributeError) as err:  # JSONDecodeError, UnicodeDecodeError: ValueErrors
         raise SkipGPTError(f"{path} is corrupt ({err}); re-run 'skipgpt tune' or restore the file") from None
     return data
 

@@ -9,6 +9,7 @@ full target for one extra no-grad forward.
 from __future__ import annotations
 
 import contextlib
+import math
 import statistics
 import time
 from pathlib import Path
@@ -24,10 +25,12 @@ from .calibrate import achieved_ratio, calibrate_threshold
 from .config import RouterConfig, TuneConfig
 from .errors import SkipGPTError
 from .importance import seed_routers_from_importance
+from .replacements import fit_replacements
 from .surgery import (
     attach_routers,
     gate_mode,
     has_routers,
+    layer_outputs,
     load_routers_state_dict,
     router_parameters,
     routers_state_dict,
@@ -42,14 +45,28 @@ RESULTS_NAME = "results.json"
 
 
 def tau_at(step: int, steps: int, start: float, end: float) -> float:
-    """Linear annealing over optimizer steps: ``start`` at the first step, ``end`` at the last."""
+    """Linear annealing over optimizer steps: ``start`` at the first step, ``end`` at the last
+    (τ and the Gumbel noise scale both follow it)."""
     return start + (end - start) * step / max(steps - 1, 1)
 
 
-def dense_logits(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """The frozen dense model's logits: the distillation target."""
-    with torch.no_grad(), gate_mode(model, "dense"):
-        return model(input_ids=batch, use_cache=False).logits.float()
+def lr_factor(step: int, cfg: TuneConfig) -> float:
+    """Multiplier of the learning rate after ``step`` optimizer steps."""
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    progress = min(step / max(cfg.steps - 1, 1), 1.0)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+TeacherOutput = tuple[torch.Tensor, "list[torch.Tensor] | None"]
+Teacher = Callable[[torch.nn.Module, torch.Tensor, bool], TeacherOutput]
+
+
+def dense_outputs(model: torch.nn.Module, batch: torch.Tensor, hidden: bool = False) -> TeacherOutput:
+    """The frozen dense model's logits (the distillation target) and, if asked, its residual
+    stream after every layer."""
+    with torch.no_grad(), gate_mode(model, "dense"), layer_outputs(model, hidden) as states:
+        return model(input_ids=batch, use_cache=False).logits.float(), states
 
 
 def kl_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -59,29 +76,41 @@ def kl_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor) ->
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
 
 
-Teacher = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
+def hidden_state_loss(teacher: list[torch.Tensor], student: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over layers of the squared error to the dense residual stream, relative to its power:
+    every layer counts the same although SmolLM2's stream grows by orders of magnitude with depth."""
+    return torch.stack([(s.float() - t.float()).pow(2).mean() / t.float().pow(2).mean().clamp(min=1e-12)
+                        for s, t in zip(student, teacher, strict=True)]).mean()
 
 
-def lm_loss(model: torch.nn.Module, batch: torch.Tensor, loss: str, teacher: Teacher = dense_logits) -> torch.Tensor:
-    """Next-token NLL, or KL to ``teacher``'s logits (by default the same model, dense)."""
+def lm_loss(model: torch.nn.Module, batch: torch.Tensor, loss: str, teacher: Teacher = dense_outputs,
+            hidden_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Next-token NLL, or KL to ``teacher``'s logits (by default the same model, dense), plus
+    ``hidden_weight`` × :func:`hidden_state_loss`; returns (total, its parts)."""
+    hidden = hidden_weight > 0
     # The teacher runs first: every forward overwrites the gates the sparsity loss reads.
-    target = teacher(model, batch) if loss == "kl" else None
-    out = model(input_ids=batch, labels=batch if target is None else None, use_cache=False)
-    return out.loss if target is None else kl_divergence(target, out.logits)
+    target, target_states = teacher(model, batch, hidden) if loss == "kl" else (None, None)
+    with layer_outputs(model, hidden) as states:
+        out = model(input_ids=batch, labels=batch if target is None else None, use_cache=False)
+    lm = out.loss if target is None else kl_divergence(target, out.logits)
+    if not hidden:
+        return lm, {"lm_loss": lm}
+    distance = hidden_state_loss(target_states, states)
+    return lm + hidden_weight * distance, {"lm_loss": lm, "hidden_loss": distance}
 
 
 def routed_loss(
-    model: torch.nn.Module, batch: torch.Tensor, cfg: TuneConfig, teacher: Teacher = dense_logits
+    model: torch.nn.Module, batch: torch.Tensor, cfg: TuneConfig, teacher: Teacher = dense_outputs
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """LM loss + α·|T − r| of one micro-batch under the current gate mode, with its parts for the log."""
-    lm = lm_loss(model, batch, cfg.loss, teacher)
+    lm, lm_parts = lm_loss(model, batch, cfg.loss, teacher, cfg.hidden_distill)
     state = routing_state(model)
     stats = state.last_stats()
     sparsity = stats.value(cfg.target_unit)
     # MoD-D and D-LLM meet their budget by construction (top-k, per-token budget): no penalty.
     fixed_budget = state.config.routing != "skipgpt"
     penalty = sparsity.new_zeros(()) if fixed_budget else cfg.alpha * (cfg.target - sparsity).abs()
-    logged = {"lm_loss": lm, "sparsity_loss": penalty, "sparsity": sparsity, "module_sparsity": stats.module,
+    logged = {**lm_parts, "sparsity_loss": penalty, "sparsity": sparsity, "module_sparsity": stats.module,
               "param_ratio": stats.params, "attn_sparsity": stats.attn, "mlp_sparsity": stats.mlp}
     parts = {k: float(v.detach()) for k, v in logged.items()}
     return lm + penalty, parts
@@ -91,9 +120,10 @@ CALIBRATION_PASSES = 8  # one-pass first guess, bracketing and bisection take 5-
 
 
 def _size_to_budget(model: torch.nn.Module, train_ids: torch.Tensor, calib_ids: torch.Tensor | None, cfg: TuneConfig,
-                    out: Path, resume: bool, accelerator: Accelerator) -> tuple[dict[str, Any], float | None]:
+                    out: Path, resume: bool, start: float) -> tuple[dict[str, Any], float | None]:
     """Set ``cfg.steps`` so that tuning and calibration fit ``cfg.budget_minutes`` here; return
-    the sizing record and the time by which training must stop (``LoopSpec.stop_at``).
+    the sizing record and the time by which training must stop (``LoopSpec.stop_at``). The budget
+    counts from ``start`` (before the replacement fit, which it includes).
 
     Times one warm-up and two measured micro-batches of the real loss (no optimizer step, so the
     routers are untouched) and one calibration forward. The probe sizes the τ schedule; the stop
@@ -105,10 +135,9 @@ def _size_to_budget(model: torch.nn.Module, train_ids: torch.Tensor, calib_ids: 
     if saved is not None:
         cfg.steps = checkpoint.load_trainer_state(saved)["fingerprint"]["tune"]["steps"]
         return {"budget_minutes": cfg.budget_minutes, "steps": cfg.steps, "resumed": True}, None
-    start = time.perf_counter()
     batch = train_ids[: cfg.batch_size].to(next(model.parameters()).device)
     autocast = torch.autocast(batch.device.type, dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
-    set_gate_mode(model, "gumbel", tau=cfg.tau_start)
+    set_gate_mode(model, "gumbel", tau=cfg.tau_start, noise=cfg.noise_start)
     times = []
     for _ in range(3):
         tick = time.perf_counter()
@@ -154,32 +183,37 @@ def tune_routers(
     ``calib_ids`` (held-out training text) is used after training to calibrate the decision
     threshold so that argmax routing delivers the target (``cfg.calibrate``).
     """
+    started = time.perf_counter()
     out = Path(out_dir)
     accelerator = Accelerator()
     torch.manual_seed(cfg.seed + accelerator.process_index)  # Gumbel noise differs per process
     if not has_routers(model):
         attach_routers(model, router_config)
     seeded: dict[str, Any] | None = None
-    if routing_state(model).config.init == "importance" and checkpoint.find(out) is None:
-        seeded = seed_routers_from_importance(model, calib_ids if calib_ids is not None else train_ids[:4], cfg.target, cfg.target_unit)
+    fitted: dict[str, Any] | None = None
+    if checkpoint.find(out) is None:  # a resumed run restores everything below from its checkpoint
+        if routing_state(model).config.init == "importance":
+            seeded = seed_routers_from_importance(model, calib_ids if calib_ids is not None else train_ids[:4], cfg.target, cfg.target_unit)
+        fitted = fit_replacements(model, train_ids[: cfg.fit_sequences]) or None
     model.requires_grad_(False)
     params = router_parameters(model)
     for p in params:
         p.requires_grad_(True)
     model.train()  # dropout is 0 in every supported config
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # constant, as the paper
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
     ddp_model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     state = routing_state(model)
     state.checkpointing = cfg.gradient_checkpointing
-    budget, stop_at = _size_to_budget(model, train_ids, calib_ids, cfg, out, resume, accelerator) if cfg.budget_minutes else (None, None)
+    budget, stop_at = _size_to_budget(model, train_ids, calib_ids, cfg, out, resume, started) if cfg.budget_minutes else (None, None)
     fingerprint = {"tune": cfg.to_dict(), "router": {**state.config.to_dict(), "threshold": 0.0}, "data_shape": list(train_ids.shape)}
 
     def step_loss(m: torch.nn.Module, batch: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         tau = tau_at(step, cfg.steps, cfg.tau_start, cfg.tau_end)
-        set_gate_mode(model, "gumbel", tau=tau)
+        noise = tau_at(step, cfg.steps, cfg.noise_start, cfg.noise_end)
+        set_gate_mode(model, "gumbel", tau=tau, noise=noise)
         loss, parts = routed_loss(m, batch, cfg)
-        return loss, {**parts, "tau": tau}
+        return loss, {**parts, "tau": tau, "noise": noise}
 
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -214,6 +248,7 @@ def tune_routers(
         **run_summary(accelerator, last, start),
         "calibration": calibration,
         "importance_seed": seeded,
+        "replacement_fit": fitted,
         "budget": budget,
         **(meta or {}),
     }

@@ -365,8 +365,8 @@ def _masked_lm_class():
     return _MaskedHFLM
 
 
-def _meter_delta(module_params: torch.Tensor, skipped: torch.Tensor, tokens: int) -> dict[str, Any]:
-    meter = SparsityMeter(module_params)
+def _meter_delta(state: Any, skipped: torch.Tensor, tokens: int) -> dict[str, Any]:
+    meter = SparsityMeter(state.module_params, state.replacement_params)
     meter.skipped, meter.tokens = skipped.clone(), tokens
     return meter.summary()
 
@@ -450,7 +450,7 @@ def evaluate_tasks(
                 "limit": limit,
                 "metrics": metrics,
                 "data": [str(p) for p in present[name]],
-                "sparsity": None if meter is None else _meter_delta(routing_state(model).module_params, meter.skipped - before[0], meter.tokens - before[1]),
+                "sparsity": None if meter is None else _meter_delta(routing_state(model), meter.skipped - before[0], meter.tokens - before[1]),
                 "wall_s": round(wall, 2),
             }
             if loglikelihoods:

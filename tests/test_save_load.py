@@ -71,11 +71,11 @@ def test_saved_files_describe_the_routers(tmp_path, kind):
     model = trained_like("llama", router=kind)
     save_routers(model, tmp_path, extra={"training": {"steps": 7}})
     config = json.loads((tmp_path / "router_config.json").read_text())
-    assert config["format"] == "skipgpt-routers" and config["version"] == 1
+    assert config["format"] == "skipgpt-routers" and config["version"] == 2
     assert config["training"] == {"steps": 7}
     assert config["router"] | {"base_model": ""} == {
         "router": kind, "input_norm": True, "init": "execute", "init_bias": 0.0, "threshold": 0.25, "kv_policy": "keep",
-        "routing": "skipgpt", "capacity": 1.0,
+        "routing": "skipgpt", "capacity": 1.0, "replacement": "none", "replacement_rank": 0,
         "model_type": "llama", "hidden_size": 32, "num_layers": 3, "base_model": "",
     }
     tensors = load_file(str(tmp_path / "routers.safetensors"))

@@ -19,10 +19,12 @@ from .registry import DynamicMethod, register
 def dynamic_router_config(name: str, target: float, base: RouterConfig | None = None) -> RouterConfig:
     """The router config of a dynamic baseline at ``target`` skipped share."""
     base = base or RouterConfig()
+    # The baselines skip to nothing, as published; replacements are SkipGPT-RT's own lever.
+    plain = dict(capacity=1.0 - target, replacement="none", replacement_rank=0)
     if name == "mod-d":
-        return dataclasses.replace(base, routing="mod-d", capacity=1.0 - target, kv_policy="keep")
+        return dataclasses.replace(base, routing="mod-d", kv_policy="keep", **plain)
     if name == "d-llm":
-        return dataclasses.replace(base, routing="d-llm", capacity=1.0 - target, kv_policy="drop")
+        return dataclasses.replace(base, routing="d-llm", kv_policy="drop", **plain)
     return dataclasses.replace(base, routing="skipgpt")
 
 

@@ -1,0 +1,293 @@
+"""Replacements for skipped modules, and training the routing that inference deploys."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ARCHS, random_ids, tiny_model
+from skipgpt import RouterConfig, TuneConfig, attach_routers, load_routers, routing_state, save_routers, set_gate_mode
+from skipgpt.calibrate import achieved_ratio
+from skipgpt.cost import FlopCount, ModelShape, replacement_flops
+from skipgpt.replacements import fit_replacements
+from skipgpt.routers import execute_gate
+from skipgpt.surgery import gate_mode, router_parameters
+from skipgpt.tune import dense_outputs, lm_loss, lr_factor, tune_routers
+
+LOWRANK = RouterConfig(replacement="lowrank", replacement_rank=4)
+
+
+def replaced(arch: str, attn: str = "eager", config: RouterConfig = LOWRANK) -> torch.nn.Module:
+    """Random routers around a zero bias (a mix of executing and skipping tokens) and random,
+    non-zero replacements, so that a wrong token getting one shows in the logits."""
+    attn = "eager" if arch == "gemma2" else attn
+    model = attach_routers(tiny_model(arch, attn=attn), RouterConfig.from_dict({**config.to_dict(), "init_bias": 0.0}))
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "skip_routers" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * (0.3 if "replacement" in name else 1.0))
+    return model
+
+
+def left_padded(batch: int = 3, length: int = 24):
+    ids = torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    for row in range(1, batch):
+        mask[row, : 5 * row] = 0
+    return ids, mask
+
+
+# ---- the engine runs the replacement, never the skipped module ---------------------------------
+
+
+@pytest.mark.parametrize("policy", ["keep", "drop"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("kind", ["bias", "lowrank"])
+def test_skipping_with_replacements_equals_the_masked_computation(arch, attn, policy, kind):
+    config = RouterConfig(replacement=kind, replacement_rank=4 if kind == "lowrank" else 0, kv_policy=policy)
+    model = replaced(arch, attn, config)
+    ids, mask = left_padded()
+    state = routing_state(model)
+    logits = {}
+    for skip in (True, False):
+        state.skip_compute = skip
+        with torch.no_grad():
+            logits[skip] = model(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert torch.allclose(logits[True][real], logits[False][real], atol=1e-5, rtol=1e-4)
+    assert 0.2 < float(state.stacked_gates()[:, real].mean()) < 0.8
+    # ... and the replacement matters: without it the same routing gives other logits.
+    for layer in model.model.layers:
+        for router in layer.skip_routers.values():
+            router.replacement = None
+    with torch.no_grad():
+        assert not torch.allclose(model(input_ids=ids, attention_mask=mask).logits[real], logits[False][real], atol=1e-3)
+
+
+def test_a_skipping_token_runs_only_the_replacement():
+    model = replaced("llama")
+    layer = model.model.layers[1]
+    seen = {"mlp": 0, "q": 0, "replacement": 0}
+
+    def count(key):
+        return lambda m, a, o: seen.__setitem__(key, seen[key] + a[0].shape[:-1].numel())
+
+    layer.mlp.register_forward_hook(count("mlp"))
+    layer.self_attn.q_proj.register_forward_hook(count("q"))
+    layer.skip_routers["mlp"].replacement.register_forward_hook(count("replacement"))
+    ids, mask = left_padded()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    executed = routing_state(model).stacked_gates()[3].bool() & mask.bool()
+    real = int(mask.sum())
+    assert seen["mlp"] == int(executed.sum()) < real
+    assert seen["replacement"] == real - int(executed.sum())  # the skipping real tokens, no padding
+    assert seen["q"] == 3 * int((routing_state(model).stacked_gates()[2].bool() & mask.bool()).sum(1).max())
+
+
+def test_cached_generation_with_replacements_gives_the_masked_tokens():
+    model = replaced("qwen3", "sdpa")
+    ids, mask = left_padded(length=12)
+    state = routing_state(model)
+    tokens = {}
+    for skip in (True, False):
+        state.skip_compute = skip
+        tokens[skip] = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(tokens[True], tokens[False])
+
+
+# ---- replacements are paid for ----------------------------------------------------------------
+
+
+def test_parameter_ratio_counts_what_a_skip_saves_net_of_its_replacement():
+    model = attach_routers(tiny_model("llama"), LOWRANK)
+    state = routing_state(model)
+    d = model.config.hidden_size
+    assert state.replacement_params.tolist() == [d + 2 * d * 4] * 6
+    set_gate_mode(model, "fixed", gates=torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0, 1.0]))  # layer 0's MLP skipped
+    with torch.no_grad():
+        model(input_ids=random_ids(2, 8))
+    stats = state.last_stats()
+    saved = state.module_params[1] - (d + 2 * d * 4)
+    assert float(stats.params) == pytest.approx(float(saved / state.module_params.sum()))
+    assert float(stats.module) == pytest.approx(1 / 6)
+    plain = attach_routers(tiny_model("llama"))
+    set_gate_mode(plain, "fixed", gates=torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0, 1.0]))
+    with torch.no_grad():
+        plain(input_ids=random_ids(2, 8))
+    assert float(routing_state(plain).last_stats().params) > float(stats.params)
+
+
+def test_cost_model_counts_replacement_flops():
+    shape = ModelShape.from_config(tiny_model("llama").config)
+    context = torch.arange(1, 9).expand(2, 8)
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    gates = torch.ones(6, 2, 8)
+    gates[1, :, :3] = 0  # six (token, module) pairs skipped
+    plain, bias, lowrank = FlopCount(), FlopCount(), FlopCount()
+    plain.add(shape, context, mask, gates, 2)
+    bias.add(shape, context, mask, gates, 2, replacement=replacement_flops(32, "bias", 0))
+    lowrank.add(shape, context, mask, gates, 2, replacement=replacement_flops(32, "lowrank", 4))
+    assert bias.executed - plain.executed == 6 * 32
+    assert lowrank.executed - plain.executed == 6 * (32 + 2 * 2 * 32 * 4)
+    assert replacement_flops(32, "none", 0) == 0.0
+
+
+# ---- fitting ----------------------------------------------------------------------------------
+
+
+def module_outputs(model, ids) -> list[torch.Tensor]:
+    state, outputs = routing_state(model), {}
+    state.observers.append(lambda i, x, u: outputs.__setitem__(i, u.reshape(-1, u.shape[-1])))
+    with torch.no_grad(), gate_mode(model, "dense"):
+        model(input_ids=ids)
+    state.observers.clear()
+    return [outputs[i] for i in range(len(outputs))]
+
+
+def test_bias_replacement_is_fitted_to_the_mean_module_output():
+    model = attach_routers(tiny_model("llama"), RouterConfig(replacement="bias"))
+    ids = random_ids(4, 16)
+    fit_replacements(model, ids)
+    means = [o.mean(0) for o in module_outputs(model, ids)]
+    fitted = [r.replacement.bias for layer in model.model.layers for r in layer.skip_routers.values()]
+    assert all(torch.allclose(f, m, atol=1e-5) for f, m in zip(fitted, means))
+
+
+def test_lowrank_fit_explains_more_than_the_mean_and_more_with_rank():
+    ids = random_ids(16, 32)
+    explained = {}
+    for kind, rank in (("bias", 0), ("lowrank", 2), ("lowrank", 8)):
+        model = attach_routers(tiny_model("llama"), RouterConfig(replacement=kind, replacement_rank=rank))
+        report = fit_replacements(model, ids)
+        explained[rank] = report["explained_mlp"]
+        assert report["fit_tokens"] == 16 * 32
+    assert explained[0] == pytest.approx(0.0, abs=1e-6) or explained[0] < explained[2]
+    assert explained[0] < explained[2] < explained[8] <= 1.0
+
+
+def test_base_weights_stay_untouched_and_replacements_train(tmp_path):
+    model = attach_routers(tiny_model("llama"), LOWRANK)
+    base = {k: v.clone() for k, v in model.named_parameters() if "skip_routers" not in k}
+    ids = random_ids(32, 16)
+    fitted = attach_routers(tiny_model("llama"), LOWRANK)
+    fit_replacements(fitted, ids)
+    tune_routers(model, ids, TuneConfig(target=0.3, steps=3, batch_size=2, seq_len=16, save_every=100),
+                 tmp_path, progress=False)
+    assert all(torch.equal(v, dict(model.named_parameters())[k]) for k, v in base.items())
+    start = {k: v for k, v in fitted.named_parameters() if ".replacement." in k}
+    after = {k: v for k, v in model.named_parameters() if ".replacement." in k}
+    assert start and all(not torch.equal(after[k], v) for k, v in start.items())  # fitted, then trained
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["replacement_fit"]["fit_tokens"] == 32 * 16
+
+
+def test_lora_targets_never_match_replacements():
+    from skipgpt.finetune import FinetuneConfig, add_lora
+
+    model = add_lora(attach_routers(tiny_model("llama"), LOWRANK), FinetuneConfig())
+    wrapped = [n for n, _ in model.named_parameters() if "replacement" in n and "lora" in n]
+    assert not wrapped
+
+
+# ---- the saved set ----------------------------------------------------------------------------
+
+
+def test_replacements_round_trip_and_old_sets_load_without_them(tmp_path):
+    model = replaced("llama")
+    ids = random_ids(2, 12)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    save_routers(model, tmp_path / "new")
+    fresh = load_routers(tiny_model("llama"), tmp_path / "new")
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).logits, expected)
+    # A version-1 set (before replacements existed) keeps meaning "skip to nothing".
+    plain = attach_routers(tiny_model("llama"), RouterConfig(init_bias=0.0))
+    save_routers(plain, tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "router_config.json").read_text())
+    config["version"] = 1
+    for key in ("replacement", "replacement_rank"):
+        del config["router"][key]
+    (tmp_path / "old" / "router_config.json").write_text(json.dumps(config))
+    assert routing_state(load_routers(tiny_model("llama"), tmp_path / "old")).config.replacement == "none"
+
+
+def test_lowrank_needs_a_rank():
+    from skipgpt import SkipGPTError
+
+    with pytest.raises(SkipGPTError, match="rank"):
+        RouterConfig(replacement="lowrank", replacement_rank=0)
+    with pytest.raises(SkipGPTError, match="rank"):
+        RouterConfig(replacement="bias", replacement_rank=4)
+
+
+# ---- training what is deployed ----------------------------------------------------------------
+
+
+def test_noise_one_is_the_papers_gumbel_sampler_and_zero_is_argmax():
+    logits = torch.randn(4, 7, 2, requires_grad=True)
+    torch.manual_seed(3)
+    paper = F.gumbel_softmax(logits, tau=2.0, hard=True)[..., 1]
+    torch.manual_seed(3)
+    assert torch.equal(execute_gate(logits, "gumbel", 2.0, 0.0, noise=1.0), paper)
+    deterministic = execute_gate(logits, "gumbel", 2.0, 0.0, noise=0.0)
+    assert torch.equal(deterministic.detach(), execute_gate(logits, "argmax", 1.0, 0.0))
+    deterministic.sum().backward()  # straight-through: the tempered softmax's gradient
+    soft = (logits.detach() / 2.0).softmax(-1)
+    assert torch.allclose(logits.grad[..., 1], soft[..., 0] * soft[..., 1] / 2.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_argmax_hits_the_target_without_calibration_when_noise_anneals_to_zero(tmp_path, seed):
+    cfg = TuneConfig(target=0.3, steps=60, batch_size=16, seq_len=64, lr=1e-2, save_every=1000, noise_end=0.0,
+                     lr_schedule="cosine", seed=seed, calibrate=False)
+    model = tiny_model("llama", seed=seed)
+    ids = random_ids(64, 64, seed=seed)
+    tune_routers(model, ids, cfg, tmp_path, router_config=RouterConfig(), progress=False)
+    assert routing_state(model).config.threshold == 0.0  # not calibrated
+    assert abs(achieved_ratio(model, ids, "params", batch_size=16) - 0.3) <= 0.02
+
+
+def test_cosine_schedule_decays_to_its_floor():
+    cfg = TuneConfig(steps=11, lr_schedule="cosine", min_lr_ratio=0.1)
+    assert lr_factor(0, cfg) == pytest.approx(1.0)
+    assert lr_factor(5, cfg) == pytest.approx(0.55)
+    assert lr_factor(10, cfg) == pytest.approx(0.1)
+    assert lr_factor(7, TuneConfig(steps=11)) == 1.0
+
+
+def test_hidden_distillation_is_zero_for_the_dense_model_and_grows_with_skipping():
+    model = attach_routers(tiny_model("llama"))
+    batch = random_ids(2, 16)
+    losses = {}
+    for skipped in (0, 3):
+        set_gate_mode(model, "fixed", gates=torch.tensor([0.0] * skipped + [1.0] * (6 - skipped)))
+        with torch.no_grad():
+            total, parts = lm_loss(model, batch, "kl", dense_outputs, hidden_weight=2.0)
+        losses[skipped] = parts["hidden_loss"]
+        assert float(total) == pytest.approx(float(parts["lm_loss"] + 2.0 * parts["hidden_loss"]), rel=1e-5)
+    assert float(losses[0]) == pytest.approx(0.0, abs=1e-10) and float(losses[3]) > 0
+
+
+def test_hidden_distillation_gives_router_and_replacement_gradients():
+    model = attach_routers(tiny_model("llama"), LOWRANK)
+    model.requires_grad_(False)
+    for p in router_parameters(model):
+        p.requires_grad_(True)
+    set_gate_mode(model, "gumbel", tau=1.0, noise=0.0)
+    total, _ = lm_loss(model, random_ids(2, 16), "kl", dense_outputs, hidden_weight=1.0)
+    total.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in router_parameters(model))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_replacements_train_on_every_architecture(arch, tmp_path):
+    model = attach_routers(tiny_model(arch), RouterConfig(replacement="bias"))
+    tune_routers(model, random_ids(16, 16), TuneConfig(target=0.3, steps=2, batch_size=2, seq_len=16, save_every=100,
+                                                       noise_end=0.0, hidden_distill=0.5), tmp_path, progress=False)
+    assert (tmp_path / "routers.safetensors").is_file()
