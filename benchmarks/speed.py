@@ -10,7 +10,7 @@ Every configuration runs on the same model object, interleaved round-robin over 
 * prefill: one forward over the prompt that fills a KV cache (logits for the last position only);
 * decode: ``--new-tokens`` greedy steps on that cache, one token per sequence per step;
 * ideal: dense FLOPs / executed FLOPs counted from the routing decisions of the same run
-  (skipgpt.cost); efficiency = measured speedup / ideal;
+  (skipgpt.inference.cost); efficiency = measured speedup / ideal;
 * KV cache: bytes the cache holds after the last step, measured on the cache object: policy
   ``keep`` stores every token (as dense), ``drop`` only tokens that executed attention (batch rows
   share slots, so batches save less than single sequences).
@@ -37,10 +37,10 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
 from skipgpt import RouterConfig, attach_routers, detach_routers, load_routers, measure_sparsity, routing_state
-from skipgpt.cost import FlopCount, ModelShape, replacement_flops
+from skipgpt.inference.cost import FlopCount, ModelShape, replacement_flops
 from skipgpt.models import load_model
-from skipgpt.report import table
-from skipgpt.surgery import load_routers_state_dict, routers_state_dict, write_json
+from skipgpt.evaluation.report import table
+from skipgpt.routing.surgery import load_routers_state_dict, routers_state_dict, write_json
 
 SHAPES = {  # random-weight models for timing only; no download
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,

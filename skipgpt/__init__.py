@@ -1,11 +1,11 @@
 """skipgpt: per-token dynamic module skipping (SkipGPT) for Hugging Face decoder LLMs."""
 
-from .adapters import ADAPTERS, ArchAdapter, get_adapter
+from .routing.adapters import ADAPTERS, ArchAdapter, get_adapter
 from .config import RouterConfig, TuneConfig
-from .engine import DroppedKVCache
+from .inference.engine import DroppedKVCache
 from .errors import SkipGPTError
-from .generate import GenerateConfig, Generation, generate
-from .surgery import (
+from .inference.generate import GenerateConfig, Generation, generate
+from .routing.surgery import (
     attach_routers,
     detach_routers,
     gate_mode,

@@ -21,8 +21,8 @@ SCRIPT = textwrap.dedent(
     from transformers import AutoModelForCausalLM
 
     from skipgpt.config import TuneConfig
-    from skipgpt.surgery import routers_state_dict
-    from skipgpt.tune import tune_routers
+    from skipgpt.routing.surgery import routers_state_dict
+    from skipgpt.training.tune import tune_routers
 
     model_dir, out = sys.argv[1], Path(sys.argv[2])
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager")

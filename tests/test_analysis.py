@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from conftest import CharTokenizer, save_tiny_model_dir, tiny_model, write_word_text
-from skipgpt import analysis
+from skipgpt.evaluation import analysis
 from skipgpt.cli import main
 from skipgpt.config import RouterConfig
-from skipgpt.importance import module_importance
-from skipgpt.surgery import attach_routers, has_routers, routing_state, save_routers
+from skipgpt.training.importance import module_importance
+from skipgpt.routing.surgery import attach_routers, has_routers, routing_state, save_routers
 
 TEXT = "The quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs. " * 6
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -112,7 +112,7 @@ def test_ppl_points_accepts_eval_json_and_rows(tmp_path):
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    from skipgpt.finetune import FinetuneConfig, add_lora
+    from skipgpt.training.finetune import FinetuneConfig, add_lora
 
     root = tmp_path_factory.mktemp("analyze")
     save_tiny_model_dir(root / "model")

@@ -16,9 +16,9 @@ from skipgpt.baselines.structure import WEIGHTS_NAME, decoder_parameter_count, m
 from skipgpt.cli import main
 from skipgpt.config import TuneConfig
 from skipgpt.errors import SkipGPTError
-from skipgpt.routers import budget_gate, topk_gate
-from skipgpt.surgery import KINDS, gate_mode, routing_state
-from skipgpt.tune import tune_routers
+from skipgpt.routing.routers import budget_gate, topk_gate
+from skipgpt.routing.surgery import KINDS, gate_mode, routing_state
+from skipgpt.training.tune import tune_routers
 
 DEPTH = ["shortgpt", "joint-layer-drop", "shortened-ppl", "shortened-taylor", "laco"]
 LAYERS = 8

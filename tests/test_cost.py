@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from conftest import tiny_model
-from skipgpt.cost import FlopCount, ModelShape
+from skipgpt.inference.cost import FlopCount, ModelShape
 
 
 def test_dense_gates_cost_what_no_routing_costs_and_skipping_costs_less():

@@ -7,7 +7,7 @@ import torch
 
 from conftest import ARCHS, tiny_model
 from skipgpt import RouterConfig, attach_routers, routing_state
-from skipgpt.surgery import gate_mode
+from skipgpt.routing.surgery import gate_mode
 
 
 def routed(arch: str, attn: str = "eager", threshold: float = 0.0):
@@ -165,7 +165,7 @@ def test_drop_policy_brings_its_own_cache_and_refuses_a_filled_plain_one():
 
 def test_drop_policy_trains_with_gumbel_gates():
     from skipgpt import set_gate_mode
-    from skipgpt.surgery import router_parameters
+    from skipgpt.routing.surgery import router_parameters
 
     model = drop_routed("llama")
     set_gate_mode(model, "gumbel", tau=1.0)

@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import skipgpt.finetune
+import skipgpt.training.finetune
 from conftest import base_parameters, random_ids, router_tensors, save_tiny_model_dir, tiny_model
 from skipgpt import RouterConfig, SkipGPTError, attach_routers, has_routers, load_routers, routing_state, save_routers
-from skipgpt.export import export_model
-from skipgpt.finetune import FinetuneConfig, finetune, load_adapter
+from skipgpt.inference.export import export_model
+from skipgpt.training.finetune import FinetuneConfig, finetune, load_adapter
 from skipgpt.models import load_model
 
 SMALL = dict(steps=6, batch_size=2, seq_len=16, lr=1e-2, save_every=3)
@@ -34,13 +34,13 @@ def test_rt_l_trains_only_lora_with_frozen_argmax_routers(tmp_path, monkeypatch)
     model = routed_tiny()
     base, routers = base_parameters(model), router_tensors(model)
     modes = []
-    real = skipgpt.finetune.lm_loss
+    real = skipgpt.training.finetune.lm_loss
 
     def spy(m, *args, **kwargs):
         modes.append(routing_state(model).mode)
         return real(m, *args, **kwargs)
 
-    monkeypatch.setattr(skipgpt.finetune, "lm_loss", spy)
+    monkeypatch.setattr(skipgpt.training.finetune, "lm_loss", spy)
     peft_model, results = run(tmp_path, model)
     assert modes == ["argmax"] * 6
     assert all(torch.equal(v, router_tensors(model)[k]) for k, v in routers.items())
@@ -87,7 +87,7 @@ def test_mode_and_routers_must_agree(tmp_path, mode, routed):
 
 def test_resumed_finetune_equals_straight_run(tmp_path, monkeypatch):
     straight, _ = run(tmp_path / "a", routed_tiny())
-    real, calls = skipgpt.finetune.lm_loss, [0]
+    real, calls = skipgpt.training.finetune.lm_loss, [0]
 
     def flaky(*args, **kwargs):
         calls[0] += 1
@@ -95,10 +95,10 @@ def test_resumed_finetune_equals_straight_run(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(skipgpt.finetune, "lm_loss", flaky)
+    monkeypatch.setattr(skipgpt.training.finetune, "lm_loss", flaky)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "b", routed_tiny())
-    monkeypatch.setattr(skipgpt.finetune, "lm_loss", real)
+    monkeypatch.setattr(skipgpt.training.finetune, "lm_loss", real)
     resumed, _ = finetune(routed_tiny(), random_ids(16, 16), FinetuneConfig(**SMALL), tmp_path / "b", resume=True, progress=False)
     a, b = lora_tensors(straight), lora_tensors(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -7,7 +7,7 @@ import torch
 
 from conftest import random_ids, tiny_model
 from skipgpt import RouterConfig, attach_routers, gate_mode, routing_state, set_gate_mode
-from skipgpt.importance import module_importance, seed_routers_from_importance, static_skip_set
+from skipgpt.training.importance import module_importance, seed_routers_from_importance, static_skip_set
 
 CUTS = {
     # importance, weights, target -> expected skipped modules
@@ -57,7 +57,7 @@ def test_seeded_routers_start_as_the_static_cut():
 
 def test_tune_with_importance_init_records_the_seed(tmp_path):
     from skipgpt.config import TuneConfig
-    from skipgpt.tune import tune_routers
+    from skipgpt.training.tune import tune_routers
 
     model = tiny_model("llama")
     cfg = TuneConfig(target=0.3, steps=2, batch_size=2, seq_len=16, save_every=2)

@@ -10,12 +10,12 @@ import torch.nn.functional as F
 
 from conftest import ARCHS, random_ids, tiny_model
 from skipgpt import RouterConfig, TuneConfig, attach_routers, load_routers, routing_state, save_routers, set_gate_mode
-from skipgpt.calibrate import achieved_ratio
-from skipgpt.cost import FlopCount, ModelShape, replacement_flops
-from skipgpt.replacements import fit_replacements
-from skipgpt.routers import execute_gate
-from skipgpt.surgery import gate_mode, router_parameters
-from skipgpt.tune import dense_outputs, lm_loss, lr_factor, tune_routers
+from skipgpt.training.calibrate import achieved_ratio
+from skipgpt.inference.cost import FlopCount, ModelShape, replacement_flops
+from skipgpt.training.replacements import fit_replacements
+from skipgpt.routing.routers import execute_gate
+from skipgpt.routing.surgery import gate_mode, router_parameters
+from skipgpt.training.tune import dense_outputs, lm_loss, lr_factor, tune_routers
 
 LOWRANK = RouterConfig(replacement="lowrank", replacement_rank=4)
 
@@ -187,7 +187,7 @@ def test_base_weights_stay_untouched_and_replacements_train(tmp_path):
 
 
 def test_lora_targets_never_match_replacements():
-    from skipgpt.finetune import FinetuneConfig, add_lora
+    from skipgpt.training.finetune import FinetuneConfig, add_lora
 
     model = add_lora(attach_routers(tiny_model("llama"), LOWRANK), FinetuneConfig())
     wrapped = [n for n, _ in model.named_parameters() if "replacement" in n and "lora" in n]

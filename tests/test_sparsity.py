@@ -9,8 +9,8 @@ import torch
 
 from conftest import random_ids, tiny_model
 from skipgpt import RouterConfig, attach_routers, measure_sparsity, routing_state, set_gate_mode
-from skipgpt.sparsity import SparsityMeter, gate_stats
-from skipgpt.tune import tau_at
+from skipgpt.routing.sparsity import SparsityMeter, gate_stats
+from skipgpt.training.tune import tau_at
 
 # ---- gate_stats / SparsityMeter on hand-made tensors -------------------------------------------
 # Two layers -> modules [attn0, mlp0, attn1, mlp1] weighing [1, 3, 1, 3]; one sequence of 2 tokens.

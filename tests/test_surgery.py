@@ -19,7 +19,7 @@ from skipgpt import (
     routing_state,
     set_gate_mode,
 )
-from skipgpt.routers import Router, margin
+from skipgpt.routing.routers import Router, margin
 
 IDS = random_ids(2, 12, seed=1)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import skipgpt.tune
+import skipgpt.training.tune
 from conftest import assert_same_tensors, base_parameters, random_ids, router_tensors, tiny_model
 from skipgpt import (
     RouterConfig,
@@ -22,8 +22,8 @@ from skipgpt import (
     routing_state,
     set_gate_mode,
 )
-from skipgpt.calibrate import achieved_ratio, calibrate_threshold
-from skipgpt.tune import dense_outputs, kl_divergence, routed_loss, tau_at, tune_routers
+from skipgpt.training.calibrate import achieved_ratio, calibrate_threshold
+from skipgpt.training.tune import dense_outputs, kl_divergence, routed_loss, tau_at, tune_routers
 
 SMALL = dict(target=0.3, steps=4, batch_size=2, seq_len=16, lr=1e-2, save_every=100)
 
@@ -218,7 +218,7 @@ class Interrupt(KeyboardInterrupt):
 
 def interrupt_after(monkeypatch, calls: int) -> None:
     """Make the (calls+1)-th micro-batch loss raise, as a Ctrl-C in the middle of a run would."""
-    real, count = skipgpt.tune.routed_loss, [0]
+    real, count = skipgpt.training.tune.routed_loss, [0]
 
     def flaky(*args, **kwargs):
         count[0] += 1
@@ -226,7 +226,7 @@ def interrupt_after(monkeypatch, calls: int) -> None:
             raise Interrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(skipgpt.tune, "routed_loss", flaky)
+    monkeypatch.setattr(skipgpt.training.tune, "routed_loss", flaky)
 
 
 def test_interrupted_and_resumed_run_equals_straight_run(tmp_path, monkeypatch):
@@ -364,7 +364,7 @@ def test_bf16_autocast_option_trains_float32_routers(tmp_path):
 
 
 def test_budget_sizes_the_steps_and_a_resume_keeps_them(tmp_path, monkeypatch):
-    from skipgpt import checkpoint
+    from skipgpt.training import checkpoint
 
     _, results = run(tmp_path / "a", budget_minutes=0.03, save_every=2, calib=True)
     budget = results["budget"]
@@ -397,16 +397,16 @@ def test_a_budget_run_stops_on_time_when_the_machine_slows_down(tmp_path, monkey
     written, and keep its checkpoint so that --resume finishes the planned schedule."""
     import time
 
-    from skipgpt import checkpoint
+    from skipgpt.training import checkpoint
 
     budget_s, slow_s = 0.03 * 60, 0.3
-    real_tau_at = skipgpt.tune.tau_at  # called once per micro-batch of training, never by the probe
+    real_tau_at = skipgpt.training.tune.tau_at  # called once per micro-batch of training, never by the probe
 
     def slow_tau_at(*args, **kwargs):
         time.sleep(slow_s)
         return real_tau_at(*args, **kwargs)
 
-    monkeypatch.setattr(skipgpt.tune, "tau_at", slow_tau_at)
+    monkeypatch.setattr(skipgpt.training.tune, "tau_at", slow_tau_at)
     tick = time.perf_counter()
     model, results = run(tmp_path, budget_minutes=0.03, calib=True, save_every=100)
     took = time.perf_counter() - tick

@@ -1,5 +1,5 @@
 """Zero-shot accuracy through lm-evaluation-harness on a tiny model, offline, from local files
-in the real layouts (skipgpt/zeroshot.py)."""
+in the real layouts (skipgpt/evaluation/zeroshot.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from skipgpt import RouterConfig, SkipGPTError, attach_routers, zeroshot
+from skipgpt import RouterConfig, SkipGPTError, attach_routers
+from skipgpt.evaluation import zeroshot
 from skipgpt.cli import main
 
 pytest.importorskip("lm_eval")

@@ -22,12 +22,12 @@ import torch
 from ..config import TuneConfig
 from ..data import training_sequences
 from ..errors import SkipGPTError
-from ..evaluate import perplexity
-from ..finetune import FinetuneConfig, finetune
-from ..report import pct, table
-from ..surgery import KINDS, load_routers, write_json
-from ..tune import RESULTS_NAME, tune_routers
-from ..zeroshot import evaluate_tasks, task_names
+from ..evaluation.perplexity import perplexity
+from ..training.finetune import FinetuneConfig, finetune
+from ..evaluation.report import pct, table
+from ..routing.surgery import KINDS, load_routers, write_json
+from ..training.tune import RESULTS_NAME, tune_routers
+from ..evaluation.zeroshot import evaluate_tasks, task_names
 from .dynamic import dynamic_router_config
 from .registry import DYNAMIC, STATIC, _load_all, method_names
 from .structure import module_parameter_counts, save_pruned

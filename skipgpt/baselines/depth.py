@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..adapters import get_adapter
-from ..importance import module_importance
-from ..surgery import KINDS, attach_routers, detach_routers
+from ..routing.adapters import get_adapter
+from ..training.importance import module_importance
+from ..routing.surgery import KINDS, attach_routers, detach_routers
 from .registry import StaticMethod, register
 from .structure import (
     PrunePlan,

@@ -61,4 +61,6 @@ def method_names() -> list[str]:
 
 def _load_all() -> None:
     """Import the method modules (each registers itself) on first use."""
-    from . import depth, dynamic, width  # noqa: F401
+    from . import depth
+    from . import dynamic
+    from . import width  # noqa: F401

@@ -20,9 +20,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..adapters import get_adapter
+from ..routing.adapters import get_adapter
 from ..errors import SkipGPTError
-from ..surgery import KINDS, branch_parameter_counts, has_routers, write_json
+from ..routing.surgery import KINDS, branch_parameter_counts, has_routers, write_json
 
 PLAN_NAME = "prune_config.json"
 WEIGHTS_NAME = "pruned.safetensors"

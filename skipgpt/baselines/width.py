@@ -34,9 +34,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..adapters import get_adapter
+from ..routing.adapters import get_adapter
 from ..errors import SkipGPTError
-from ..surgery import has_routers
+from ..routing.surgery import has_routers
 from .registry import StaticMethod, register
 from .structure import PrunePlan, decoder_parameter_count
 

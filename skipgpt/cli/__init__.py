@@ -13,22 +13,22 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from . import checkpoint
-from .adapters import get_adapter
-from .calibrate import calibrate_threshold
-from .config import RouterConfig, TuneConfig
-from .data import DATA_DIR_ENV, data_dir, load_source, training_sequences
-from .errors import SkipGPTError
-from .evaluate import perplexity
-from .models import DEFAULT_MODEL, load_model
-from .report import pct, ppl_rows, table
-from .export import export_model
-from .finetune import FinetuneConfig, finetune, load_adapter
-from .baselines import get_method, load_pruned, save_pruned
-from .baselines.compare import CompareConfig, Inputs, run_compare, split_training_text
-from .baselines.structure import PLAN_NAME
-from .generate import GenerateConfig, generate
-from .surgery import (
+from ..training import checkpoint
+from ..routing.adapters import get_adapter
+from ..training.calibrate import calibrate_threshold
+from ..config import RouterConfig, TuneConfig
+from ..data import DATA_DIR_ENV, data_dir, load_source, training_sequences
+from ..errors import SkipGPTError
+from ..evaluation.perplexity import perplexity
+from ..models import DEFAULT_MODEL, load_model
+from ..evaluation.report import pct, ppl_rows, table
+from ..inference.export import export_model
+from ..training.finetune import FinetuneConfig, finetune, load_adapter
+from ..baselines import get_method, load_pruned, save_pruned
+from ..baselines.compare import CompareConfig, Inputs, run_compare, split_training_text
+from ..baselines.structure import PLAN_NAME
+from ..inference.generate import GenerateConfig, generate
+from ..routing.surgery import (
     CONFIG_NAME,
     attach_routers,
     branch_parameter_counts,
@@ -40,8 +40,8 @@ from .surgery import (
     save_routers,
     write_json,
 )
-from .tune import RESULTS_NAME, tune_routers
-from . import zeroshot
+from ..training.tune import RESULTS_NAME, tune_routers
+from ..evaluation import zeroshot
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -517,7 +517,8 @@ def _router_label(info: dict[str, Any]) -> str:
 
 
 def cmd_analyze(args: argparse.Namespace) -> dict[str, Any]:
-    from . import analysis, plots  # matplotlib only when analysing
+    from ..evaluation import analysis
+    from ..evaluation import plots  # matplotlib only when analysing
 
     out_dir = Path(args.out)
     stem = args.name or f"analysis_{args.kind.replace('-', '_')}"

@@ -79,11 +79,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .data import DATA_DIR_ENV, data_dir as resolve_data_dir
-from .errors import SkipGPTError
+from ..data import DATA_DIR_ENV, data_dir as resolve_data_dir
+from ..errors import SkipGPTError
 from .report import pct, table
-from .surgery import gate_mode, has_routers, measure_sparsity, routing_state
-from .sparsity import SparsityMeter
+from ..routing.surgery import gate_mode, has_routers, measure_sparsity, routing_state
+from ..routing.sparsity import SparsityMeter
 
 CONVERTER_VERSION = 1
 DEFAULT_BATCH_SIZE = 8
@@ -270,7 +270,7 @@ def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
     if cache_dir is not None:
         path = Path(cache_dir)
     else:
-        from .models import cache_dir as skipgpt_cache
+        from ..models import cache_dir as skipgpt_cache
 
         path = skipgpt_cache() / "zeroshot"
     path.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .surgery import gate_mode, routing_state
+from ..routing.surgery import gate_mode, routing_state
 
 
 @torch.no_grad()

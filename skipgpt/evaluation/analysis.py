@@ -24,9 +24,9 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .data import tokenize
-from .errors import SkipGPTError
-from .surgery import CONFIG_NAME, attach_routers, detach_routers, gate_mode, has_routers, measure_sparsity, read_router_config, routing_state
+from ..data import tokenize
+from ..errors import SkipGPTError
+from ..routing.surgery import CONFIG_NAME, attach_routers, detach_routers, gate_mode, has_routers, measure_sparsity, read_router_config, routing_state
 
 ADAPTER_CONFIG = "adapter_config.json"
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import RouterConfig
+from ..config import RouterConfig
 
 GateMode = Literal["gumbel", "argmax", "dense", "fixed"]
 GATE_MODES: tuple[str, ...] = ("gumbel", "argmax", "dense", "fixed")

@@ -22,9 +22,9 @@ from torch import nn
 from transformers import DynamicCache
 
 from .adapters import ArchAdapter, get_adapter
-from .config import RouterConfig
-from .engine import DroppedKVCache, drop_policy_mask, replace_skipped, skip_branch
-from .errors import SkipGPTError
+from ..config import RouterConfig
+from ..inference.engine import DroppedKVCache, drop_policy_mask, replace_skipped, skip_branch
+from ..errors import SkipGPTError
 from .routers import GATE_MODES, GateMode, Router, budget_gate, execute_gate, margin, topk_gate
 from .sparsity import SparsityMeter, SparsityStats, gate_stats
 

@@ -36,7 +36,7 @@ from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .errors import SkipGPTError
+from ..errors import SkipGPTError
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 KV_POLICIES = ("keep", "drop")

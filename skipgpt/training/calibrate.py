@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .surgery import gate_mode, measure_sparsity, routing_state
+from ..routing.surgery import gate_mode, measure_sparsity, routing_state
 
 
 @torch.no_grad()

@@ -22,11 +22,11 @@ from accelerate.utils import broadcast_object_list
 
 from . import checkpoint
 from .calibrate import achieved_ratio, calibrate_threshold
-from .config import RouterConfig, TuneConfig
-from .errors import SkipGPTError
+from ..config import RouterConfig, TuneConfig
+from ..errors import SkipGPTError
 from .importance import seed_routers_from_importance
 from .replacements import fit_replacements
-from .surgery import (
+from ..routing.surgery import (
     attach_routers,
     gate_mode,
     has_routers,
@@ -39,7 +39,7 @@ from .surgery import (
     set_gate_mode,
     write_json,
 )
-from .training import LoopSpec, run_loop, run_summary
+from .loop import LoopSpec, run_loop, run_summary
 
 RESULTS_NAME = "results.json"
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from .routers import rms_normalised
-from .surgery import gate_mode, routing_state
+from ..routing.routers import rms_normalised
+from ..routing.surgery import gate_mode, routing_state
 
 RIDGE = 1e-4  # relative to the mean input variance: keeps the normal equations well conditioned
 

@@ -15,9 +15,9 @@ from typing import Any, Sequence
 
 import torch
 
-from .config import JsonConfig
-from .errors import SkipGPTError
-from .surgery import has_routers, measure_sparsity
+from ..config import JsonConfig
+from ..errors import SkipGPTError
+from ..routing.surgery import has_routers, measure_sparsity
 
 
 @dataclass

@@ -21,9 +21,9 @@ from transformers import get_cosine_schedule_with_warmup
 
 from . import checkpoint
 from .calibrate import calibrate_threshold
-from .config import JsonConfig, TuneConfig
-from .errors import SkipGPTError
-from .surgery import (
+from ..config import JsonConfig, TuneConfig
+from ..errors import SkipGPTError
+from ..routing.surgery import (
     gate_mode,
     has_routers,
     layer_outputs,
@@ -35,7 +35,7 @@ from .surgery import (
     set_gate_mode,
     write_json,
 )
-from .training import LoopSpec, run_loop, run_summary
+from .loop import LoopSpec, run_loop, run_summary
 from .tune import RESULTS_NAME, Teacher, TeacherOutput, lm_loss, routed_loss, tau_at
 
 Mode = Literal["routed", "joint", "dense"]

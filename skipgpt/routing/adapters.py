@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .errors import SkipGPTError
+from ..errors import SkipGPTError
 
 
 @dataclass(frozen=True)

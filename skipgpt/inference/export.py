@@ -14,9 +14,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .finetune import load_adapter
-from .models import load_model
-from .surgery import detach_routers, has_routers, load_routers, save_routers, write_json
+from ..training.finetune import load_adapter
+from ..models import load_model
+from ..routing.surgery import detach_routers, has_routers, load_routers, save_routers, write_json
 
 EXPORT_NAME = "skipgpt_export.json"
 

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import tokenize
-from .errors import SkipGPTError
-from .surgery import gate_mode, has_routers, measure_sparsity
+from ..data import tokenize
+from ..errors import SkipGPTError
+from ..routing.surgery import gate_mode, has_routers, measure_sparsity
 
 BOS_NOTE = "no BOS; windows cut from one token stream, first token of each window unscored"
 

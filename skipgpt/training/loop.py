@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from . import checkpoint
-from .errors import SkipGPTError
+from ..errors import SkipGPTError
 
 LOG_NAME = "train_log.jsonl"
 
