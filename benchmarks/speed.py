@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import inspect
-import json
 import statistics
 import sys
 import time
@@ -37,10 +36,11 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
 from skipgpt import RouterConfig, attach_routers, detach_routers, load_routers, measure_sparsity, routing_state
+from skipgpt.evaluation.report import table
+from skipgpt.files import write_json
 from skipgpt.inference.cost import FlopCount, ModelShape, replacement_flops
 from skipgpt.models import load_model
-from skipgpt.evaluation.report import table
-from skipgpt.routing.surgery import load_routers_state_dict, routers_state_dict, write_json
+from skipgpt.routing.save_load import load_routers_state_dict, routers_state_dict
 
 SHAPES = {  # random-weight models for timing only; no download
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,

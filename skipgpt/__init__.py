@@ -1,20 +1,19 @@
 """skipgpt: per-token dynamic module skipping (SkipGPT) for Hugging Face decoder LLMs."""
 
-from .routing.adapters import ADAPTERS, ArchAdapter, get_adapter
 from .config import RouterConfig, TuneConfig
-from .inference.engine import DroppedKVCache
 from .errors import SkipGPTError
 from .inference.generate import GenerateConfig, Generation, generate
+from .inference.kv import DroppedKVCache
+from .routing.adapters import ADAPTERS, ArchAdapter, get_adapter
+from .routing.save_load import load_routers, save_routers
 from .routing.surgery import (
     attach_routers,
     detach_routers,
     gate_mode,
     has_routers,
-    load_routers,
     measure_sparsity,
     router_parameters,
     routing_state,
-    save_routers,
     set_gate_mode,
 )
 

@@ -39,7 +39,7 @@ except ImportError:  # older versions always dequantize GGUF files
     GgufConfig = None
 
 from .errors import SkipGPTError
-from .routing.surgery import CONFIG_NAME, load_routers
+from .routing.save_load import CONFIG_NAME, load_routers
 
 DEFAULT_MODEL = "smollm2-135m"
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 import textwrap
 
-from safetensors.torch import load_file
-
 from conftest import accelerate_launch, assert_same_tensors, tiny_model
+from safetensors.torch import load_file
 
 # Each rank trains, then saves the routers it ends with; DDP must have kept them identical.
 SCRIPT = textwrap.dedent(
@@ -21,7 +20,7 @@ SCRIPT = textwrap.dedent(
     from transformers import AutoModelForCausalLM
 
     from skipgpt.config import TuneConfig
-    from skipgpt.routing.surgery import routers_state_dict
+    from skipgpt.routing.save_load import routers_state_dict
     from skipgpt.training.tune import tune_routers
 
     model_dir, out = sys.argv[1], Path(sys.argv[2])

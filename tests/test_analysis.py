@@ -7,13 +7,14 @@ import json
 
 import pytest
 import torch
-
 from conftest import CharTokenizer, save_tiny_model_dir, tiny_model, write_word_text
-from skipgpt.evaluation import analysis
+
 from skipgpt.cli import main
 from skipgpt.config import RouterConfig
+from skipgpt.evaluation import analysis
+from skipgpt.routing.save_load import save_routers
+from skipgpt.routing.surgery import attach_routers, has_routers, routing_state
 from skipgpt.training.importance import module_importance
-from skipgpt.routing.surgery import attach_routers, has_routers, routing_state, save_routers
 
 TEXT = "The quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs. " * 6
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -7,17 +7,19 @@ import json
 
 import pytest
 import torch
-from conftest import WORDS, random_ids, save_tiny_model_dir, tiny_model, write_word_text
+from conftest import random_ids, save_tiny_model_dir, tiny_model, write_word_text
 from safetensors.torch import load_file
 
 from skipgpt.baselines import get_method, load_pruned, save_pruned
 from skipgpt.baselines.dynamic import dynamic_router_config
-from skipgpt.baselines.structure import WEIGHTS_NAME, decoder_parameter_count, module_parameter_counts, remove_modules
+from skipgpt.baselines.save_load import WEIGHTS_NAME
+from skipgpt.baselines.structure import decoder_parameter_count, module_parameter_counts, remove_modules
 from skipgpt.cli import main
 from skipgpt.config import TuneConfig
 from skipgpt.errors import SkipGPTError
+from skipgpt.routing.adapters import KINDS
 from skipgpt.routing.routers import budget_gate, topk_gate
-from skipgpt.routing.surgery import KINDS, gate_mode, routing_state
+from skipgpt.routing.surgery import gate_mode, routing_state
 from skipgpt.training.tune import tune_routers
 
 DEPTH = ["shortgpt", "joint-layer-drop", "shortened-ppl", "shortened-taylor", "laco"]
@@ -81,8 +83,9 @@ def test_removal_refuses_bad_plans():
 
 def test_calibration_never_touches_evaluation_text(tmp_path):
     """compare's calibration and training ids come from --data only (disjoint token ranges)."""
-    from skipgpt.baselines.compare import CompareConfig, split_training_text
     from conftest import WordIdTokenizer
+
+    from skipgpt.baselines.compare import CompareConfig, split_training_text
 
     docs = [" ".join(f"t{k}" for k in range(i * 100, (i + 1) * 100)) for i in range(60)]
     cfg = CompareConfig(calib_sequences=2, calib_seq_len=50, tune=TuneConfig(seq_len=32))

@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO
 
 import skipgpt.cli
-from conftest import REPO
 from skipgpt.cli import main
 from skipgpt.data import DATA_DIR_ENV
 

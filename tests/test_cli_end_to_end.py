@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import accelerate_launch, save_tiny_model_dir, write_word_text
 from safetensors.torch import load_file
 
-from conftest import accelerate_launch, save_tiny_model_dir, write_word_text
 from skipgpt.cli import main
 
 TUNE = ["--steps", "4", "--seq-len", "16", "--batch-size", "2", "--lr", "1e-2", "--save-every", "2"]

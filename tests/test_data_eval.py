@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import CharTokenizer, WordIdTokenizer, shared_data_dir, tiny_model
+
 from skipgpt import RouterConfig, SkipGPTError, attach_routers, routing_state, set_gate_mode
 from skipgpt.data import DATA_DIR_ENV, load_source, pack_documents, pydoc_documents, training_sequences
 from skipgpt.evaluation.perplexity import perplexity

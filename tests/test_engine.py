@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import ARCHS, tiny_model
+
 from skipgpt import RouterConfig, attach_routers, routing_state
 from skipgpt.routing.surgery import gate_mode
 

@@ -6,14 +6,14 @@ import json
 
 import pytest
 import torch
+from conftest import base_parameters, random_ids, router_tensors, save_tiny_model_dir, tiny_model
 from transformers import AutoModelForCausalLM
 
 import skipgpt.training.finetune
-from conftest import base_parameters, random_ids, router_tensors, save_tiny_model_dir, tiny_model
 from skipgpt import RouterConfig, SkipGPTError, attach_routers, has_routers, load_routers, routing_state, save_routers
 from skipgpt.inference.export import export_model
-from skipgpt.training.finetune import FinetuneConfig, finetune, load_adapter
 from skipgpt.models import load_model
+from skipgpt.training.finetune import FinetuneConfig, finetune, load_adapter
 
 SMALL = dict(steps=6, batch_size=2, seq_len=16, lr=1e-2, save_every=3)
 

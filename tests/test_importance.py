@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import random_ids, tiny_model
+
 from skipgpt import RouterConfig, attach_routers, gate_mode, routing_state, set_gate_mode
 from skipgpt.training.importance import module_importance, seed_routers_from_importance, static_skip_set
 

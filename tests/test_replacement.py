@@ -7,15 +7,16 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import ARCHS, random_ids, tiny_model
+
 from skipgpt import RouterConfig, TuneConfig, attach_routers, load_routers, routing_state, save_routers, set_gate_mode
-from skipgpt.training.calibrate import achieved_ratio
 from skipgpt.inference.cost import FlopCount, ModelShape, replacement_flops
-from skipgpt.training.replacements import fit_replacements
 from skipgpt.routing.routers import execute_gate
 from skipgpt.routing.surgery import gate_mode, router_parameters
-from skipgpt.training.tune import dense_outputs, lm_loss, lr_factor, tune_routers
+from skipgpt.training.calibrate import achieved_ratio
+from skipgpt.training.losses import dense_outputs, lm_loss
+from skipgpt.training.replacements import fit_replacements
+from skipgpt.training.tune import lr_factor, tune_routers
 
 LOWRANK = RouterConfig(replacement="lowrank", replacement_rank=4)
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import random_ids, tiny_model
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import random_ids, tiny_model
 from skipgpt import (
     RouterConfig,
     SkipGPTError,

@@ -6,8 +6,8 @@ from fractions import Fraction
 
 import pytest
 import torch
-
 from conftest import random_ids, tiny_model
+
 from skipgpt import RouterConfig, attach_routers, measure_sparsity, routing_state, set_gate_mode
 from skipgpt.routing.sparsity import SparsityMeter, gate_stats
 from skipgpt.training.tune import tau_at

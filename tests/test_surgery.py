@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_ids, tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import random_ids, tiny_model
 from skipgpt import (
     RouterConfig,
     SkipGPTError,

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_same_tensors, base_parameters, random_ids, router_tensors, tiny_model
 from safetensors.torch import load_file
 
 import skipgpt.training.tune
-from conftest import assert_same_tensors, base_parameters, random_ids, router_tensors, tiny_model
 from skipgpt import (
     RouterConfig,
     SkipGPTError,
@@ -23,7 +23,8 @@ from skipgpt import (
     set_gate_mode,
 )
 from skipgpt.training.calibrate import achieved_ratio, calibrate_threshold
-from skipgpt.training.tune import dense_outputs, kl_divergence, routed_loss, tau_at, tune_routers
+from skipgpt.training.losses import dense_outputs, kl_divergence, routed_loss
+from skipgpt.training.tune import tau_at, tune_routers
 
 SMALL = dict(target=0.3, steps=4, batch_size=2, seq_len=16, lr=1e-2, save_every=100)
 

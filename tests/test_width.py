@@ -9,8 +9,9 @@ import torch
 from conftest import random_ids, tiny_model
 
 from skipgpt.baselines import get_method, load_pruned, save_pruned
+from skipgpt.baselines.llm_pruner import _group_rows, llm_pruner_layers
+from skipgpt.baselines.slicegpt import prune_slicegpt
 from skipgpt.baselines.structure import decoder_parameter_count
-from skipgpt.baselines.width import _group_rows, llm_pruner_layers, prune_slicegpt
 from skipgpt.errors import SkipGPTError
 
 # Wide enough that one granularity step is small: 4 KV heads of 2 query heads, 128 MLP channels.

@@ -1,5 +1,5 @@
 """Zero-shot accuracy through lm-evaluation-harness on a tiny model, offline, from local files
-in the real layouts (skipgpt/evaluation/zeroshot.py)."""
+in the real layouts (skipgpt/evaluation/zeroshot_tasks.py)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import json
 
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from skipgpt import RouterConfig, SkipGPTError, attach_routers
-from skipgpt.evaluation import zeroshot
 from skipgpt.cli import main
+from skipgpt.evaluation import zeroshot, zeroshot_tasks
 
 pytest.importorskip("lm_eval")
 
@@ -108,7 +108,7 @@ def run(model, tokenizer, data_dir, cache, tasks="piqa,arc_easy", **kw):
 def check_scores(result, tasks=("piqa", "arc_easy")):
     for name in tasks:
         r = result[name]
-        assert r["metric"] == zeroshot.PAPER_METRICS[name]
+        assert r["metric"] == zeroshot_tasks.PAPER_METRICS[name]
         assert 0.0 <= r["value"] <= 1.0 and r["n"] == N
         assert r["value"] == r["metrics"][r["metric"]] and {"acc", "acc_norm"} <= set(r["metrics"])
 
@@ -121,10 +121,10 @@ def test_converted_files_feed_lm_evals_builtin_prompts(tmp_path):
     write_piqa(tmp_path)
     write_arc(tmp_path)
     write_other_layouts(tmp_path)
-    present, skipped = zeroshot.find_task_files("all", tmp_path)
-    assert set(present) == set(zeroshot.TASKS) and not skipped
+    present, skipped = zeroshot_tasks.find_task_files("all", tmp_path)
+    assert set(present) == set(zeroshot_tasks.TASKS) and not skipped
     for name, paths in present.items():
-        cfg = zeroshot.task_config(name, zeroshot.prepare_task_data(name, paths, tmp_path / "cache"), tmp_path / "cache" / "hf")
+        cfg = zeroshot_tasks.task_config(name, zeroshot_tasks.prepare_task_data(name, paths, tmp_path / "cache"), tmp_path / "cache" / "hf")
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
     tasks = TaskManager(include_defaults=False, include_path=str(tmp_path)).load(list(present))["tasks"]
 
@@ -210,12 +210,12 @@ def test_routed_is_driven_by_the_harness_and_padding_is_not_counted(dense_result
 def test_errors(tmp_path, monkeypatch, tokenizer):
     monkeypatch.delenv("SKIPGPT_DATA_DIR", raising=False)
     with pytest.raises(SkipGPTError, match="SKIPGPT_DATA_DIR"):
-        zeroshot.find_task_files(["piqa"])
+        zeroshot_tasks.find_task_files(["piqa"])
     with pytest.raises(SkipGPTError, match=r"none of the zero-shot tasks.*zeroshot/piqa/valid.jsonl"):
-        zeroshot.find_task_files(["piqa"], tmp_path)
+        zeroshot_tasks.find_task_files(["piqa"], tmp_path)
     with pytest.raises(SkipGPTError, match="unknown zero-shot task"):
-        zeroshot.resolve_tasks("piqa,mmlu")
-    assert zeroshot.resolve_tasks("all") == list(zeroshot.TASKS)
+        zeroshot_tasks.resolve_tasks("piqa,mmlu")
+    assert zeroshot_tasks.resolve_tasks("all") == list(zeroshot_tasks.TASKS)
 
 
 def test_cli_eval_tasks(tmp_path, data_dir, monkeypatch, capsys, tokenizer):

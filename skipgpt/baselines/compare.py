@@ -23,14 +23,17 @@ from ..config import TuneConfig
 from ..data import training_sequences
 from ..errors import SkipGPTError
 from ..evaluation.perplexity import perplexity
-from ..training.finetune import FinetuneConfig, finetune
 from ..evaluation.report import pct, table
-from ..routing.surgery import KINDS, load_routers, write_json
-from ..training.tune import RESULTS_NAME, tune_routers
 from ..evaluation.zeroshot import evaluate_tasks, task_names
+from ..files import write_json
+from ..routing.adapters import KINDS
+from ..routing.save_load import load_routers
+from ..training.finetune import FinetuneConfig, finetune
+from ..training.tune import RESULTS_NAME, tune_routers
 from .dynamic import dynamic_router_config
-from .registry import DYNAMIC, STATIC, _load_all, method_names
-from .structure import module_parameter_counts, save_pruned
+from .registry import DYNAMIC, STATIC, method_names
+from .save_load import save_pruned
+from .structure import module_parameter_counts
 
 ROW_NAME = "row.json"
 
@@ -52,7 +55,6 @@ class CompareConfig:
     report_only: bool = False  # rebuild the table from finished rows; run nothing
 
     def resolved_methods(self) -> list[str]:
-        _load_all()
         names = method_names() if "all" in self.methods else list(self.methods)
         unknown = [m for m in names if m not in STATIC and m not in DYNAMIC]
         if unknown:

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..routing.adapters import get_adapter
+from ..routing.adapters import KINDS, get_adapter
+from ..routing.surgery import attach_routers, detach_routers
 from ..training.importance import module_importance
-from ..routing.surgery import KINDS, attach_routers, detach_routers
 from .registry import StaticMethod, register
 from .structure import (
     PrunePlan,

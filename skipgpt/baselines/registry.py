@@ -1,4 +1,8 @@
-"""Every baseline by its command-line name, with what it needs and how it is rebuilt."""
+"""Every baseline by its command-line name, with what it needs and how it is rebuilt.
+
+A plain table: each method module registers itself when imported, and the package's
+``__init__`` imports them all, so the registry imports no method (no import cycle).
+"""
 
 from __future__ import annotations
 
@@ -47,7 +51,6 @@ def register(method: StaticMethod | DynamicMethod) -> None:
 
 
 def get_method(name: str) -> StaticMethod:
-    _load_all()
     try:
         return STATIC[name]
     except KeyError:
@@ -55,12 +58,4 @@ def get_method(name: str) -> StaticMethod:
 
 
 def method_names() -> list[str]:
-    _load_all()
     return [*STATIC, *DYNAMIC]
-
-
-def _load_all() -> None:
-    """Import the method modules (each registers itself) on first use."""
-    from . import depth
-    from . import dynamic
-    from . import width  # noqa: F401

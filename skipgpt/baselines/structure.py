@@ -1,31 +1,23 @@
-"""Physically removing modules from a decoder, and saving/loading pruned models PEFT-style.
+"""Physically removing modules from a decoder.
 
 A static baseline ends as a :class:`PrunePlan`: which (layer, branch) modules are gone, plus
 whatever its method needs to rebuild its structure (``extra``). Removed modules are deleted,
 not masked: their weights leave the state dict and a layer whose two branches are gone leaves
-the layer stack. Weights a method changed (LaCo's merged layers, SliceGPT's rotated ones) are
-saved next to the plan; everything else is reloaded from the base model, so a layer-drop
-result is a few hundred bytes of JSON.
+the layer stack. save_load.py writes the plan and reloads it onto a base model.
 """
 
 from __future__ import annotations
 
-import json
 import types
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..routing.adapters import get_adapter
 from ..errors import SkipGPTError
-from ..routing.surgery import KINDS, branch_parameter_counts, has_routers, write_json
-
-PLAN_NAME = "prune_config.json"
-WEIGHTS_NAME = "pruned.safetensors"
+from ..routing.adapters import KINDS, get_adapter
+from ..routing.surgery import branch_parameter_counts, has_routers
 
 
 @dataclass
@@ -133,47 +125,3 @@ def select_by_importance(importance: torch.Tensor, counts: torch.Tensor, target:
         chosen.append(unit)
         done += float(share[unit])
     return chosen
-
-
-def save_pruned(model: nn.Module, plan: PrunePlan, out_dir: str | Path) -> Path:
-    """Write the plan (and the tensors the method changed) atomically into ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if plan.changed:
-        state = model.state_dict()
-        missing = [n for n in plan.changed if n not in state]
-        if missing:
-            raise SkipGPTError(f"plan lists changed tensors the model lacks: {missing[:3]}")
-        tmp = out / (WEIGHTS_NAME + ".tmp")
-        save_file({n: state[n].detach().contiguous().cpu() for n in plan.changed}, str(tmp))
-        tmp.replace(out / WEIGHTS_NAME)
-    write_json(out / PLAN_NAME, plan.to_dict())
-    return out
-
-
-def read_plan(path: str | Path) -> PrunePlan:
-    file = Path(path) / PLAN_NAME
-    if not file.is_file():
-        raise SkipGPTError(f"{path} is not a pruned model directory (no {PLAN_NAME}); make one with 'skipgpt prune'")
-    return PrunePlan.from_dict(json.loads(file.read_text()))
-
-
-def load_pruned(model: nn.Module, path: str | Path) -> PrunePlan:
-    """Apply a saved plan to the base model it was made from, in place."""
-    from .registry import get_method  # the registry imports the methods, which import this module
-
-    plan = read_plan(path)
-    get_method(plan.method).restructure(model, plan)
-    if plan.changed:
-        weights = load_file(str(Path(path) / WEIGHTS_NAME))
-        params = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
-        for name, value in weights.items():
-            if name not in params:
-                raise SkipGPTError(f"{path}: tensor {name} does not exist in the restructured model (wrong base model?)")
-            target = params[name]
-            if target.shape != value.shape:
-                raise SkipGPTError(f"{path}: tensor {name} has shape {tuple(value.shape)}, the model {tuple(target.shape)}")
-            with torch.no_grad():
-                target.copy_(value.to(target.dtype))
-    model.skipgpt_prune_plan = plan
-    return plan

@@ -13,35 +13,25 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from ..training import checkpoint
-from ..routing.adapters import get_adapter
-from ..training.calibrate import calibrate_threshold
+from ..baselines import PLAN_NAME, get_method, load_pruned, save_pruned
+from ..baselines.compare import CompareConfig, Inputs, run_compare, split_training_text
 from ..config import RouterConfig, TuneConfig
 from ..data import DATA_DIR_ENV, data_dir, load_source, training_sequences
 from ..errors import SkipGPTError
+from ..evaluation import zeroshot, zeroshot_tasks
 from ..evaluation.perplexity import perplexity
-from ..models import DEFAULT_MODEL, load_model
 from ..evaluation.report import pct, ppl_rows, table
+from ..files import write_json
 from ..inference.export import export_model
-from ..training.finetune import FinetuneConfig, finetune, load_adapter
-from ..baselines import get_method, load_pruned, save_pruned
-from ..baselines.compare import CompareConfig, Inputs, run_compare, split_training_text
-from ..baselines.structure import PLAN_NAME
 from ..inference.generate import GenerateConfig, generate
-from ..routing.surgery import (
-    CONFIG_NAME,
-    attach_routers,
-    branch_parameter_counts,
-    detach_routers,
-    has_routers,
-    load_routers,
-    read_router_config,
-    routing_state,
-    save_routers,
-    write_json,
-)
+from ..models import DEFAULT_MODEL, load_model
+from ..routing.adapters import get_adapter
+from ..routing.save_load import CONFIG_NAME, load_routers, read_router_config, save_routers
+from ..routing.surgery import attach_routers, branch_parameter_counts, detach_routers, has_routers, routing_state
+from ..training import checkpoint
+from ..training.calibrate import calibrate_threshold
+from ..training.finetune import FinetuneConfig, finetune, load_adapter
 from ..training.tune import RESULTS_NAME, tune_routers
-from ..evaluation import zeroshot
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -357,9 +347,9 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     specs = [s for s in data.split(",") if s]
     for spec in specs:  # fail on bad data before spending time on the model
         load_source(spec, args.split, args.data_dir)
-    tasks = zeroshot.resolve_tasks(args.tasks) if args.tasks else []
+    tasks = zeroshot_tasks.resolve_tasks(args.tasks) if args.tasks else []
     if tasks:
-        zeroshot.find_task_files(tasks, args.data_dir)
+        zeroshot_tasks.find_task_files(tasks, args.data_dir)
     if not specs and not tasks:
         raise SkipGPTError("nothing to evaluate: give --data (perplexity) and/or --tasks (zero-shot accuracy)")
     model, tokenizer = _routed_model(args)
@@ -517,8 +507,10 @@ def _router_label(info: dict[str, Any]) -> str:
 
 
 def cmd_analyze(args: argparse.Namespace) -> dict[str, Any]:
-    from ..evaluation import analysis
-    from ..evaluation import plots  # matplotlib only when analysing
+    from ..evaluation import (
+        analysis,
+        plots,  # matplotlib only when analysing
+    )
 
     out_dir = Path(args.out)
     stem = args.name or f"analysis_{args.kind.replace('-', '_')}"
@@ -649,7 +641,7 @@ def cmd_compare(args: argparse.Namespace) -> dict[str, Any]:
                         report_only=args.report_only)
     cfg.resolved_methods()  # unknown names and missing task files fail before any model is loaded
     if cfg.tasks:
-        zeroshot.find_task_files(list(cfg.tasks), args.data_dir)
+        zeroshot_tasks.find_task_files(list(cfg.tasks), args.data_dir)
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
     source, train_ids, calib_ids = _calibration_and_training(args, tokenizer, cfg.tune.seq_len)
     del model

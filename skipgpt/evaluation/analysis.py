@@ -1,7 +1,7 @@
 """The paper's routing analyses (SkipGPT section 6 and appendix D): pure computations.
 
 Each function takes a model (and token ids) or result files and returns a JSON-ready dict;
-``skipgpt.plots`` draws them and ``skipgpt analyze KIND`` runs both.
+``skipgpt.evaluation.plots`` draws them and ``skipgpt analyze KIND`` runs both.
 
 * :func:`cosine_analysis` (figure 2): ``cos(x, x + f(x))`` per token and module, every module
   executing.
@@ -26,7 +26,8 @@ import torch
 
 from ..data import tokenize
 from ..errors import SkipGPTError
-from ..routing.surgery import CONFIG_NAME, attach_routers, detach_routers, gate_mode, has_routers, measure_sparsity, read_router_config, routing_state
+from ..routing.save_load import CONFIG_NAME, read_router_config
+from ..routing.surgery import attach_routers, detach_routers, gate_mode, has_routers, measure_sparsity, routing_state
 
 ADAPTER_CONFIG = "adapter_config.json"
 

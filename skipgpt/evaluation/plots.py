@@ -1,4 +1,4 @@
-"""Figures for the analyses in ``skipgpt.analysis`` (matplotlib, Agg, no pyplot global state).
+"""Figures for the analyses in ``skipgpt.evaluation.analysis`` (matplotlib, Agg, no pyplot global state).
 
 Each ``plot_*`` takes the dict its analysis returned, plus a ``context`` line naming the model,
 router set and text, and writes a PNG.
@@ -146,7 +146,7 @@ def plot_context_shift(result: dict[str, Any], path: str | Path, context: str) -
         if result["num_seqs"] > 1:
             ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
     ax.set_xlabel(f"context length: position of the last token of the {result['window']}-token window")
-    ax.set_ylabel(f"modules executed in the window (%)")
+    ax.set_ylabel("modules executed in the window (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     band = "; band = ±1 std across sequences" if result["num_seqs"] > 1 else ""

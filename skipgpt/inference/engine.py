@@ -13,7 +13,7 @@ which turns the gate into saved work:
   (SDPA or eager) with the causal/padding mask rows of their own positions.
 
 * A skipping token gets its module's replacement where the router set has one (a learned
-  vector, or a low-rank map of its hidden state: :class:`~skipgpt.routers.Replacement`),
+  vector, or a low-rank map of its hidden state: :class:`~skipgpt.routing.routers.Replacement`),
   computed for the gathered skipping tokens only, never the module itself.
 
 * Attention, KV policy ``drop`` (routers trained with ``--kv-policy drop``): a skipping token
@@ -22,7 +22,7 @@ which turns the gate into saved work:
   values with their positions, so the KV cache shrinks with the skip rate.
 
 ``keep`` works with any Hugging Face cache and therefore with ``model.generate``; ``drop`` needs
-:class:`DroppedKVCache` (``skipgpt.generate`` passes one). Branches in which every token
+:class:`DroppedKVCache` (``skipgpt.generate`` passes one; see kv.py). Branches in which every token
 executes take the model's own code path unchanged, so "nothing skipped" costs only the routers.
 """
 
@@ -33,55 +33,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..errors import SkipGPTError
+from .kv import DroppedKVCache, kernel_mask
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 KV_POLICIES = ("keep", "drop")
-
-
-class DroppedKVLayer(DynamicLayer):
-    """One layer's keys and values under KV policy ``drop``: executing tokens only, each with its
-    position (cache order) and, for batches, a validity flag (rows keep different numbers)."""
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super().lazy_initialization(key_states, value_states)
-        batch = key_states.shape[0]
-        self.positions = torch.zeros(batch, 0, dtype=torch.long, device=self.device)
-        self.valid = torch.zeros(batch, 0, dtype=torch.bool, device=self.device)
-        self.seen = 0
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
-               positions: torch.Tensor | None = None, valid: torch.Tensor | None = None,
-               new_tokens: int = 0, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if positions is None or valid is None:
-            raise SkipGPTError("DroppedKVCache holds keys for executing tokens only; it serves routers trained with KV policy 'drop'")
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        self.keys = torch.cat([self.keys.view(*key_states.shape[:2], -1, key_states.shape[-1]), key_states], dim=-2)
-        self.values = torch.cat([self.values.view(*value_states.shape[:2], -1, value_states.shape[-1]), value_states], dim=-2)
-        self.positions = torch.cat([self.positions, positions], dim=1)
-        self.valid = torch.cat([self.valid, valid], dim=1)
-        self.seen += new_tokens
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        """Tokens seen, not stored: what generation and mask sizes count in."""
-        return self.seen if self.is_initialized else 0
-
-
-class DroppedKVCache(DynamicCache):
-    """A cache for KV policy ``drop``: ``model.generate(..., cache=DroppedKVCache())``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer_class_to_replicate = DroppedKVLayer
-
-    def stored_tokens(self) -> int:
-        """Key/value slots held over all layers (batch rows included)."""
-        return sum(layer.keys.shape[0] * layer.keys.shape[2] for layer in self.layers if layer.is_initialized)
 
 
 def skip_branch(
@@ -115,7 +73,7 @@ def _mlp_update(norm: nn.Module, mlp: nn.Module, post_norm: nn.Module | None,
 
 def replace_skipped(replacement: nn.Module, hidden: torch.Tensor, skipping: torch.Tensor,
                     update: torch.Tensor | None) -> torch.Tensor | None:
-    """Add what skipping tokens get instead of the module (its :class:`~skipgpt.routers.Replacement`),
+    """Add what skipping tokens get instead of the module (its :class:`~skipgpt.routing.routers.Replacement`),
     computed on the gathered skipping tokens only; padding gets nothing."""
     index = skipping.flatten().nonzero().squeeze(1)
     if index.numel() == 0:
@@ -163,7 +121,7 @@ def _query_mask(attn: nn.Module, mask: torch.Tensor | None, rows: torch.Tensor, 
     allowed = keys <= query_at[..., None]
     if window:
         allowed &= keys > query_at[..., None] - window
-    return _kernel_mask(attn, allowed[:, None], dtype)
+    return kernel_mask(attn, allowed[:, None], dtype)
 
 
 def _packed(execute: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,36 +131,6 @@ def _packed(execute: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     positions = torch.argsort((~execute).to(torch.int8), dim=1, stable=True)[:, :width]
     valid = torch.arange(width, device=execute.device) < counts[:, None]
     return torch.where(valid, positions, positions[:, :1]), valid
-
-
-def _kernel_mask(attn: nn.Module, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A bool "may attend" mask in the form the model's attention kernel takes."""
-    if attn.config._attn_implementation == "eager":  # additive mask
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
-    return allowed
-
-
-def drop_policy_mask(attn: nn.Module, mask: torch.Tensor | None, execute: torch.Tensor, dtype: torch.dtype,
-                     window: int | None) -> torch.Tensor:
-    """Training-side (masked) KV policy ``drop`` for one layer without a cache: queries see only
-    keys of tokens executing this attention. Each token keeps its own key so that no row is
-    empty; a skipping token's output is multiplied by its zero gate. The mask is not
-    differentiable: routers learn from their own token's gated output, as in D-LLM."""
-    batch, tokens = execute.shape
-    if mask is None:
-        keys = torch.arange(tokens, device=execute.device)
-        allowed = keys[None, :] <= keys[:, None]
-        if window:
-            allowed &= keys[None, :] > keys[:, None] - window
-        allowed = allowed.expand(batch, 1, tokens, tokens)
-    else:
-        allowed = mask.bool() if mask.dtype == torch.bool else mask == 0
-        allowed = allowed.expand(batch, -1, -1, -1)
-    if allowed.shape[-1] != tokens:
-        raise SkipGPTError("the masked computation of KV policy 'drop' runs without a KV cache (use_cache=False); "
-                           "generation with 'drop' uses the skipping path and DroppedKVCache")
-    self_key = torch.eye(tokens, dtype=torch.bool, device=execute.device)
-    return _kernel_mask(attn, allowed & (execute[:, None, None, :] | self_key), dtype)
 
 
 def _attention_update_drop(norm: nn.Module, attn: nn.Module, post_norm: nn.Module | None,
@@ -235,7 +163,7 @@ def _attention_update_drop(norm: nn.Module, attn: nn.Module, post_norm: nn.Modul
     if window:
         allowed &= key_at[:, None, :] > at[:, :, None] - window
     allowed |= ~valid[:, :, None]  # padding query slots: any finite row, their output is dropped
-    mask = _kernel_mask(attn, allowed[:, None], queries.dtype)
+    mask = kernel_mask(attn, allowed[:, None], queries.dtype)
     return _attend(attn, post_norm, hidden, queries, keys, values, mask, rows[:, 0], positions, valid, window)
 
 

@@ -14,9 +14,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..training.finetune import load_adapter
+from ..files import write_json
 from ..models import load_model
-from ..routing.surgery import detach_routers, has_routers, load_routers, save_routers, write_json
+from ..routing.save_load import load_routers, save_routers
+from ..routing.surgery import detach_routers, has_routers
+from ..training.finetune import load_adapter
 
 EXPORT_NAME = "skipgpt_export.json"
 

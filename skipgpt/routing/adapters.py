@@ -13,6 +13,8 @@ from torch import nn
 
 from ..errors import SkipGPTError
 
+KINDS = ("attn", "mlp")  # the two routable branches of every layer; module index = 2·layer + KINDS.index(kind)
+
 
 @dataclass(frozen=True)
 class ArchAdapter:
@@ -70,5 +72,5 @@ def get_adapter(model_or_type: nn.Module | str) -> ArchAdapter:
     except KeyError:
         raise SkipGPTError(
             f"architecture {model_type!r} is not supported; supported model types: "
-            f"{', '.join(sorted(ADAPTERS))}. Adding one is an entry in skipgpt/adapters.py."
+            f"{', '.join(sorted(ADAPTERS))}. Adding one is an entry in skipgpt/routing/adapters.py."
         ) from None

@@ -31,7 +31,7 @@ class Replacement(nn.Module):
     ``b`` alone (rank 0) is the module's mean output, one add per token. A rank-r map of the
     RMS-normalised hidden state ``x̂`` adds what the token's own state predicts of the output
     (2·d·r parameters, r ≪ d; the branch's own norm weight folds into ``D``). Both are fitted to
-    the dense module on data before tuning (:func:`skipgpt.tune.fit_replacements`) and then
+    the dense module on data before tuning (:func:`skipgpt.training.replacements.fit_replacements`) and then
     trained with the routers. Raw parameters, not ``nn.Linear``: LoRA's target names
     (``up_proj``, ...) must never match them.
     """

@@ -8,31 +8,18 @@ model's weights are never modified, and ``detach_routers`` gives back the plain 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import tempfile
 import types
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.utils.checkpoint
-from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import DynamicCache
 
-from .adapters import ArchAdapter, get_adapter
 from ..config import RouterConfig
-from ..inference.engine import DroppedKVCache, drop_policy_mask, replace_skipped, skip_branch
 from ..errors import SkipGPTError
+from .adapters import KINDS, ArchAdapter, get_adapter
+from .forward import after_model_forward, before_model_forward, routed_layer_forward
 from .routers import GATE_MODES, GateMode, Router, budget_gate, execute_gate, margin, topk_gate
 from .sparsity import SparsityMeter, SparsityStats, gate_stats
-
-CONFIG_NAME = "router_config.json"
-# Version 2 added replacements; a version-1 set was trained without them, whatever today's default.
-FORMAT_VERSION = 2
-WEIGHTS_NAME = "routers.safetensors"
-KINDS = ("attn", "mlp")
 
 
 class RoutingState:
@@ -123,85 +110,6 @@ class RoutingState:
         return gate_stats(self.stacked_gates(), self.token_mask, self.module_params, self.replacement_params)
 
 
-def _routed_layer_forward(self: nn.Module, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-    """``x + g·f(x)`` for the attention then the MLP branch; f includes the branch's norms.
-
-    With activation checkpointing on (TuneConfig.gradient_checkpointing, or transformers'
-    gradient_checkpointing_enable), the layer is recomputed in backward. The RNG state is
-    replayed, so the recomputed Gumbel gates equal the ones the loss saw.
-    """
-    hf_checkpointing = getattr(self, "gradient_checkpointing", False) and self.training  # HF's own switch
-    if (self.skipgpt_state.checkpointing or hf_checkpointing) and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(_routed_layer_body, self, hidden_states, use_reentrant=False, **kwargs)
-    return _routed_layer_body(self, hidden_states, **kwargs)
-
-
-def _routed_layer_body(self: nn.Module, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-    state: RoutingState = self.skipgpt_state
-    sparse = state.skipping()
-    for offset, kind in enumerate(KINDS):
-        index = 2 * self.skipgpt_index + offset
-        norm, module, post_norm = state.adapter.branch(self, kind)
-        router = self.skip_routers[kind]
-        gate = state.decide(router, hidden_states, index)
-        execute = (gate if gate.dtype == torch.bool else gate > 0) if sparse else None
-        if execute is not None and state.token_mask is not None:
-            execute = execute & state.token_mask  # padding runs nothing
-        drop = kind == "attn" and state.config.kv_policy == "drop"
-        if execute is not None and (drop or not bool(execute.all() if execute.numel() > 1 else execute)):
-            window = state.adapter.attention_window(module) if kind == "attn" else None
-            update = skip_branch(kind, norm, module, post_norm, hidden_states, execute, kwargs, state.config.kv_policy, window)
-            if router.replacement is not None:
-                skipping = ~execute if state.token_mask is None else state.token_mask & ~execute
-                update = replace_skipped(router.replacement, hidden_states, skipping, update)
-        else:
-            out = norm(hidden_states)
-            if drop:  # the masked computation of "drop": keys of skipping tokens are hidden
-                mask = drop_policy_mask(module, kwargs.get("attention_mask"), gate.detach() > 0.5, out.dtype,
-                                        state.adapter.attention_window(module))
-                out = module(hidden_states=out, **{**kwargs, "attention_mask": mask})[0]
-            else:
-                out = module(hidden_states=out, **kwargs)[0] if kind == "attn" else module(out)
-            if post_norm is not None:
-                out = post_norm(out)
-            if execute is not None:
-                update = out
-            else:  # x + g·f(x) + (1 − g)·h(x): the straight-through gradient sees f − h
-                g = gate.unsqueeze(-1).to(out.dtype)
-                dense = router.replacement is None or state.mode == "dense"
-                update = g * out if dense else g * out + (1 - g) * router.replacement(hidden_states)
-        if state.observers:
-            update = torch.zeros_like(hidden_states) if update is None else update
-            for observe in state.observers:
-                observe(index, hidden_states, update)
-        if update is not None:
-            hidden_states = hidden_states + update
-    return hidden_states
-
-
-def _before_model_forward(state: RoutingState, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-    """Record which tokens are real (padding must not count towards sparsity), and give KV
-    policy "drop" its cache in place of the empty one transformers or ``generate`` would use."""
-    ids = kwargs.get("input_ids", args[0] if args else None)
-    if ids is None:
-        ids = kwargs.get("inputs_embeds")
-    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-    real = None if mask is None or ids is None else mask[:, -ids.shape[1] :].bool()
-    state.token_mask = None if real is None or bool(real.all()) else real  # None: every token is real
-    state.gates = [None] * state.num_modules
-    if state.config.kv_policy == "drop" and state.skipping() and kwargs.get("use_cache", True) is not False:
-        name = "past_key_values" if "past_key_values" in kwargs else "cache"
-        cache = kwargs.get(name)
-        if cache is None or (type(cache) is DynamicCache and cache.get_seq_length() == 0):
-            return args, {**kwargs, name: DroppedKVCache()}
-    return None
-
-
-def _after_model_forward(state: RoutingState) -> None:
-    if state.meter is not None and all(g is not None for g in state.gates):
-        state.meter.update(state.stacked_gates(), state.token_mask)
-
-
 def branch_parameter_counts(model: nn.Module, adapter: ArchAdapter) -> torch.Tensor:
     """Parameters per routable module (norms included: a skipped branch skips them too)."""
     counts = []
@@ -233,10 +141,10 @@ def attach_routers(model: nn.Module, config: RouterConfig | None = None) -> nn.M
     for index, layer in enumerate(layers):
         layer.skipgpt_index = index
         layer.skipgpt_state = state
-        layer.forward = types.MethodType(_routed_layer_forward, layer)
+        layer.forward = types.MethodType(routed_layer_forward, layer)
     state.hooks = [
-        model.register_forward_pre_hook(lambda _m, a, k: _before_model_forward(state, a, k), with_kwargs=True),
-        model.register_forward_hook(lambda _m, _a, _o: _after_model_forward(state)),
+        model.register_forward_pre_hook(lambda _m, a, k: before_model_forward(state, a, k), with_kwargs=True),
+        model.register_forward_hook(lambda _m, _a, _o: after_model_forward(state)),
     ]
     model.skipgpt_state = state
     return model
@@ -330,92 +238,3 @@ def measure_sparsity(model: nn.Module) -> Iterator[SparsityMeter]:
         yield state.meter
     finally:
         state.meter = None
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temp file in the same directory and rename: never a half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, data: Any) -> None:
-    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
-
-
-def routers_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    state = routing_state(model)
-    return {
-        f"layers.{i}.{name}": p.detach().cpu().contiguous()
-        for i, layer in enumerate(state.adapter.decoder_layers(model))
-        for name, p in layer.skip_routers.state_dict().items()
-    }
-
-
-def load_routers_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    state = routing_state(model)
-    for i, layer in enumerate(state.adapter.decoder_layers(model)):
-        prefix = f"layers.{i}."
-        own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        try:
-            layer.skip_routers.load_state_dict(own, strict=True)
-        except RuntimeError as err:
-            raise SkipGPTError(f"router weights do not fit this model's layer {i}: {err}") from None
-
-
-def save_routers(model: nn.Module, out_dir: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
-    """``router_config.json`` + ``routers.safetensors``: small, and loadable onto the base model."""
-    state = routing_state(model)
-    out = Path(out_dir)
-    write_json(out / CONFIG_NAME, {"format": "skipgpt-routers", "version": FORMAT_VERSION, "router": state.config.to_dict(), **(extra or {})})
-    _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(routers_state_dict(model), tmp, metadata={"format": "pt"}))
-    return out
-
-
-def read_router_config(router_dir: str | os.PathLike) -> dict[str, Any]:
-    path = Path(router_dir) / CONFIG_NAME
-    if not path.is_file():
-        raise SkipGPTError(f"no {CONFIG_NAME} in {router_dir}: pass the output directory of 'skipgpt tune'")
-    try:
-        data = json.loads(path.read_text())
-        if data.get("version", 1) < 2:
-            data["router"] = {"replacement": "none", "replacement_rank": 0, **data["router"]}
-        RouterConfig.from_dict(data["router"])
-    except (ValueError, KeyError, TypeError, AttributeError) as err:  # JSONDecodeError, UnicodeDecodeError: ValueErrors
-        raise SkipGPTError(f"{path} is corrupt ({err}); re-run 'skipgpt tune' or restore the file") from None
-    return data
-
-
-def load_routers(model: nn.Module, router_dir: str | os.PathLike) -> nn.Module:
-    """Attach routers saved by :func:`save_routers` onto ``model`` (refusing a different base)."""
-    data = read_router_config(router_dir)
-    config = RouterConfig.from_dict(data["router"])
-    text_config = model.config.get_text_config()
-    expected = (config.model_type, config.hidden_size, config.num_layers)
-    actual = (model.config.model_type, text_config.hidden_size, len(get_adapter(model).decoder_layers(model)))
-    if expected != actual:
-        raise SkipGPTError(
-            f"routers in {router_dir} were trained for a {expected[0]} model with hidden size {expected[1]} "
-            f"and {expected[2]} layers (base {config.base_model!r}), but this model is a {actual[0]} with "
-            f"hidden size {actual[1]} and {actual[2]} layers; load them onto the model they were trained on"
-        )
-    weights = Path(router_dir) / WEIGHTS_NAME
-    try:
-        tensors = load_file(str(weights))
-    except FileNotFoundError:
-        raise SkipGPTError(f"no {WEIGHTS_NAME} in {router_dir}") from None
-    except Exception as err:  # safetensors raises its own error types for damaged files
-        raise SkipGPTError(f"{weights} is corrupt ({err}); re-run 'skipgpt tune' or restore the file") from None
-    attach_routers(model, config)
-    try:
-        load_routers_state_dict(model, tensors)
-    except SkipGPTError:
-        detach_routers(model)
-        raise
-    return model

@@ -19,24 +19,16 @@ from accelerate import Accelerator
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import get_cosine_schedule_with_warmup
 
-from . import checkpoint
-from .calibrate import calibrate_threshold
 from ..config import JsonConfig, TuneConfig
 from ..errors import SkipGPTError
-from ..routing.surgery import (
-    gate_mode,
-    has_routers,
-    layer_outputs,
-    load_routers_state_dict,
-    router_parameters,
-    routers_state_dict,
-    routing_state,
-    save_routers,
-    set_gate_mode,
-    write_json,
-)
+from ..files import write_json
+from ..routing.save_load import load_routers_state_dict, routers_state_dict, save_routers
+from ..routing.surgery import gate_mode, has_routers, layer_outputs, router_parameters, routing_state, set_gate_mode
+from . import checkpoint
+from .calibrate import calibrate_threshold
 from .loop import LoopSpec, run_loop, run_summary
-from .tune import RESULTS_NAME, Teacher, TeacherOutput, lm_loss, routed_loss, tau_at
+from .losses import Teacher, TeacherOutput, lm_loss, routed_loss
+from .tune import RESULTS_NAME, tau_at
 
 Mode = Literal["routed", "joint", "dense"]
 ADAPTER_CONFIG = "adapter_config.json"

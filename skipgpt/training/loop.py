@@ -19,8 +19,8 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from . import checkpoint
 from ..errors import SkipGPTError
+from . import checkpoint
 
 LOG_NAME = "train_log.jsonl"
 

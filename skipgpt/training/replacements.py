@@ -1,6 +1,6 @@
 """Fitting replacements to the dense modules before router tuning starts.
 
-A replacement (:class:`~skipgpt.routers.Replacement`) is trained with the routers, but from
+A replacement (:class:`~skipgpt.routing.routers.Replacement`) is trained with the routers, but from
 zero it would need far more steps than a CPU budget has: SmolLM2's module outputs grow by orders
 of magnitude with depth, and Adam moves each weight by about the learning rate per step. A
 closed-form start costs one dense pass: the mean output (``bias``) or the reduced-rank linear

@@ -1,0 +1,97 @@
+"""Router sets on disk, PEFT-style: ``router_config.json`` (architecture, threshold, the recipe
+that trained them) and ``routers.safetensors`` (router and replacement weights only), loaded back
+onto any copy of the base model they were trained on."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..config import RouterConfig
+from ..errors import SkipGPTError
+from ..files import atomic_write, write_json
+from .adapters import get_adapter
+from .surgery import attach_routers, detach_routers, routing_state
+
+CONFIG_NAME = "router_config.json"
+# Version 2 added replacements; a version-1 set was trained without them, whatever today's default.
+FORMAT_VERSION = 2
+WEIGHTS_NAME = "routers.safetensors"
+
+
+def routers_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    state = routing_state(model)
+    return {
+        f"layers.{i}.{name}": p.detach().cpu().contiguous()
+        for i, layer in enumerate(state.adapter.decoder_layers(model))
+        for name, p in layer.skip_routers.state_dict().items()
+    }
+
+
+def load_routers_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    state = routing_state(model)
+    for i, layer in enumerate(state.adapter.decoder_layers(model)):
+        prefix = f"layers.{i}."
+        own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        try:
+            layer.skip_routers.load_state_dict(own, strict=True)
+        except RuntimeError as err:
+            raise SkipGPTError(f"router weights do not fit this model's layer {i}: {err}") from None
+
+
+def save_routers(model: nn.Module, out_dir: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+    """``router_config.json`` + ``routers.safetensors``: small, and loadable onto the base model."""
+    state = routing_state(model)
+    out = Path(out_dir)
+    write_json(out / CONFIG_NAME, {"format": "skipgpt-routers", "version": FORMAT_VERSION, "router": state.config.to_dict(), **(extra or {})})
+    atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(routers_state_dict(model), tmp, metadata={"format": "pt"}))
+    return out
+
+
+def read_router_config(router_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(router_dir) / CONFIG_NAME
+    if not path.is_file():
+        raise SkipGPTError(f"no {CONFIG_NAME} in {router_dir}: pass the output directory of 'skipgpt tune'")
+    try:
+        data = json.loads(path.read_text())
+        if data.get("version", 1) < 2:
+            data["router"] = {"replacement": "none", "replacement_rank": 0, **data["router"]}
+        RouterConfig.from_dict(data["router"])
+    except (ValueError, KeyError, TypeError, AttributeError) as err:  # JSONDecodeError, UnicodeDecodeError: ValueErrors
+        raise SkipGPTError(f"{path} is corrupt ({err}); re-run 'skipgpt tune' or restore the file") from None
+    return data
+
+
+def load_routers(model: nn.Module, router_dir: str | os.PathLike) -> nn.Module:
+    """Attach routers saved by :func:`save_routers` onto ``model`` (refusing a different base)."""
+    data = read_router_config(router_dir)
+    config = RouterConfig.from_dict(data["router"])
+    text_config = model.config.get_text_config()
+    expected = (config.model_type, config.hidden_size, config.num_layers)
+    actual = (model.config.model_type, text_config.hidden_size, len(get_adapter(model).decoder_layers(model)))
+    if expected != actual:
+        raise SkipGPTError(
+            f"routers in {router_dir} were trained for a {expected[0]} model with hidden size {expected[1]} "
+            f"and {expected[2]} layers (base {config.base_model!r}), but this model is a {actual[0]} with "
+            f"hidden size {actual[1]} and {actual[2]} layers; load them onto the model they were trained on"
+        )
+    weights = Path(router_dir) / WEIGHTS_NAME
+    try:
+        tensors = load_file(str(weights))
+    except FileNotFoundError:
+        raise SkipGPTError(f"no {WEIGHTS_NAME} in {router_dir}") from None
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise SkipGPTError(f"{weights} is corrupt ({err}); re-run 'skipgpt tune' or restore the file") from None
+    attach_routers(model, config)
+    try:
+        load_routers_state_dict(model, tensors)
+    except SkipGPTError:
+        detach_routers(model)
+        raise
+    return model
