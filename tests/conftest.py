@@ -139,3 +139,13 @@ def accelerate_launch(args: list[str], cwd: Path, timeout: int = 180):
         "--main_process_port", str(port), *args,
     ]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def forbid_model_loading(monkeypatch, refuse) -> None:
+    """Make every command's model loading call ``refuse``: bad input must fail before it."""
+    import skipgpt.cli
+    from skipgpt.cli import common
+
+    for module in (common, *skipgpt.cli.GROUPS):
+        if hasattr(module, "load_model"):
+            monkeypatch.setattr(module, "load_model", refuse)

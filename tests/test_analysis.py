@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import CharTokenizer, save_tiny_model_dir, tiny_model, write_word_text
+from conftest import CharTokenizer, forbid_model_loading, save_tiny_model_dir, tiny_model, write_word_text
 
 from skipgpt.cli import main
 from skipgpt.config import RouterConfig
@@ -169,9 +169,7 @@ def test_cli_context_shift(workspace, tmp_path):
 
 
 def test_cli_ppl_curve_needs_no_model(workspace, tmp_path, monkeypatch):
-    import skipgpt.cli
-
-    monkeypatch.setattr(skipgpt.cli, "load_model", lambda *a, **k: pytest.fail("ppl-curve loaded a model"))
+    forbid_model_loading(monkeypatch, lambda *a, **k: pytest.fail("ppl-curve loaded a model"))
     rows = tmp_path / "rows.json"
     rows.write_text(json.dumps([{"method": m, "ratio": r, "ppl": p} for m, r, p in
                                 [("SkipGPT-RT", 0.25, 30), ("SkipGPT-RT", 0.5, 60), ("Joint Layer Drop", 0.25, 80), ("dense", 0, 20)]]))
@@ -189,9 +187,7 @@ def test_cli_ppl_curve_needs_no_model(workspace, tmp_path, monkeypatch):
     (["routing", "--routers", "MISSING", "--text", "x"], "no router_config.json"),
 ])
 def test_cli_bad_input_fails_before_loading(argv, message, tmp_path, capsys, monkeypatch):
-    import skipgpt.cli
-
-    monkeypatch.setattr(skipgpt.cli, "load_model", lambda *a, **k: pytest.fail("loaded a model before validating"))
+    forbid_model_loading(monkeypatch, lambda *a, **k: pytest.fail("loaded a model before validating"))
     argv = [str(tmp_path / "missing") if a == "MISSING" else a for a in argv]
     assert main(["analyze", *argv, "--out", str(tmp_path / "out")]) == 2
     assert message in capsys.readouterr().err

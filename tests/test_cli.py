@@ -7,9 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, forbid_model_loading
 
-import skipgpt.cli
 from skipgpt.cli import main
 from skipgpt.data import DATA_DIR_ENV
 
@@ -21,7 +20,7 @@ def no_model_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the CLI loaded a model before validating its input")
 
-    monkeypatch.setattr(skipgpt.cli, "load_model", refuse)
+    forbid_model_loading(monkeypatch, refuse)
     monkeypatch.delenv(DATA_DIR_ENV, raising=False)
 
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data import tokenize
+from ..data import load_source, tokenize
 from ..errors import SkipGPTError
 from ..routing.surgery import gate_mode, has_routers, measure_sparsity
 
@@ -74,3 +74,15 @@ def perplexity(
         "sparsity": sparsity,
         "wall_s": time.perf_counter() - start,
     }
+
+
+def evaluate_sets(model: torch.nn.Module, tokenizer: Any, specs: Sequence[str], *, split: str, data_dir: str | None,
+                  seq_len: int, batch_size: int, max_windows: int | None, label: str) -> list[tuple[str, dict[str, Any]]]:
+    """(row label, perplexity result with the data's description) for each data spec."""
+    rows = []
+    for spec in specs:
+        source = load_source(spec, split, data_dir)
+        r = perplexity(model, tokenizer, source.text(), seq_len=seq_len, batch_size=batch_size,
+                       max_windows=max_windows, desc=f"{label} {spec}")
+        rows.append((f"{label} / {spec}", {**r, "data": source.description}))
+    return rows

@@ -8,7 +8,7 @@ every branch is computed and multiplied by its gate, which the straight-through 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.utils.checkpoint
@@ -18,9 +18,7 @@ from transformers import DynamicCache
 from ..inference.engine import replace_skipped, skip_branch
 from ..inference.kv import DroppedKVCache, drop_policy_mask
 from .adapters import KINDS
-
-if TYPE_CHECKING:
-    from .surgery import RoutingState
+from .state import RoutingState
 
 
 def routed_layer_forward(self: nn.Module, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
@@ -37,7 +35,7 @@ def routed_layer_forward(self: nn.Module, hidden_states: torch.Tensor, **kwargs:
 
 
 def _routed_layer_body(self: nn.Module, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-    state: "RoutingState" = self.skipgpt_state
+    state: RoutingState = self.skipgpt_state
     sparse = state.skipping()
     for offset, kind in enumerate(KINDS):
         index = 2 * self.skipgpt_index + offset
@@ -79,7 +77,7 @@ def _routed_layer_body(self: nn.Module, hidden_states: torch.Tensor, **kwargs: A
     return hidden_states
 
 
-def before_model_forward(state: "RoutingState", args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+def before_model_forward(state: RoutingState, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     """Record which tokens are real (padding must not count towards sparsity), and give KV
     policy "drop" its cache in place of the empty one transformers or ``generate`` would use."""
     ids = kwargs.get("input_ids", args[0] if args else None)
@@ -97,7 +95,7 @@ def before_model_forward(state: "RoutingState", args: tuple, kwargs: dict) -> tu
     return None
 
 
-def after_model_forward(state: "RoutingState") -> None:
+def after_model_forward(state: RoutingState) -> None:
     if state.meter is not None and all(g is not None for g in state.gates):
         state.meter.update(state.stacked_gates(), state.token_mask)
 

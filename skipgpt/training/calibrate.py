@@ -9,8 +9,11 @@ found by bisection on full forward passes, on calibration text only (never evalu
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from ..routing.save_load import read_router_config, save_routers
 from ..routing.surgery import gate_mode, measure_sparsity, routing_state
 
 
@@ -89,3 +92,14 @@ def calibrate_threshold(
         "ratio_after": best[2],
         "calibration_tokens": int(sequences.numel()),
     }
+
+
+def recalibrate(model: torch.nn.Module, router_dir: str | Path, sequences: torch.Tensor, target: float, unit: str,
+                out: str | Path) -> dict[str, float]:
+    """Re-target the routers loaded from ``router_dir`` (on ``model``) to ``target``: move only the
+    threshold, and save them to ``out`` with the original record and the re-calibration."""
+    result = calibrate_threshold(model, sequences, target, unit)
+    previous = read_router_config(router_dir)
+    extra = {k: v for k, v in previous.items() if k not in ("format", "version", "router")}
+    save_routers(model, out, extra={**extra, "recalibrated_from": str(router_dir), "recalibration": result})
+    return result

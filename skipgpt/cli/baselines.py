@@ -1,0 +1,102 @@
+"""``skipgpt prune`` (one static baseline) and ``skipgpt compare`` (all of them beside SkipGPT)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from ..baselines import PLAN_NAME, get_method, save_pruned
+from ..baselines.compare import CompareConfig, Inputs, run_compare
+from ..config import TuneConfig
+from ..data import load_source
+from ..errors import SkipGPTError
+from ..evaluation import zeroshot_tasks
+from ..evaluation.report import pct, table
+from ..models import load_model
+from .common import (
+    DTYPES,
+    data_dir_arg,
+    model_args,
+)
+from .train import calibration_and_training
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prune", help="a static baseline: remove layers, modules or width on calibration text")
+    model_args(p)
+    data_dir_arg(p)
+    p.add_argument("--method", required=True, help="shortgpt, joint-layer-drop, shortened-ppl, shortened-taylor, laco, slicegpt, llm-pruner")
+    p.add_argument("--ratio", type=float, required=True, help="share of decoder-layer parameters to remove, in [0, 1)")
+    p.add_argument("--data", default=None, help="calibration text, as tune's --data (its held-out tail is used)")
+    p.add_argument("--calib-sequences", type=int, default=CompareConfig.calib_sequences)
+    p.add_argument("--calib-seq-len", type=int, default=CompareConfig.calib_seq_len)
+    p.add_argument("--out", required=True)
+    p.set_defaults(handler=cmd_prune)
+
+    p = sub.add_parser("compare", help="baselines and SkipGPT side by side at matched ratios, one protocol, one table")
+    model_args(p)
+    data_dir_arg(p)
+    p.add_argument("--ratio", default="0.25", help="comma-separated parameter ratios, e.g. 0.25,0.4")
+    p.add_argument("--methods", default="all", help="all or a comma-separated list (see 'skipgpt prune --method' and skipgpt-rt, mod-d, d-llm)")
+    p.add_argument("--data", default=None, help="calibration and training text, as tune's --data")
+    p.add_argument("--eval", default="wikitext2,ptb", help="comma-separated evaluation sets or files, as eval's --data")
+    p.add_argument("--seq-len", type=int, default=CompareConfig.seq_len, help="evaluation window")
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows of each set")
+    p.add_argument("--calib-sequences", type=int, default=CompareConfig.calib_sequences)
+    p.add_argument("--calib-seq-len", type=int, default=CompareConfig.calib_seq_len)
+    p.add_argument("--steps", type=int, default=TuneConfig.steps, help="router-tuning steps for every dynamic method")
+    p.add_argument("--loss", choices=["nll", "kl"], default=TuneConfig.loss)
+    p.add_argument("--lora-steps", type=int, default=0, help="> 0: add a '+ LoRA' row after each static method")
+    p.add_argument("--tasks", default="", help="zero-shot tasks for every row too (lm-eval; as eval's --tasks)")
+    p.add_argument("--limit", type=int, default=None, help="--tasks: first N examples of each task")
+    p.add_argument("--no-dense", action="store_true", help="leave out the dense reference row")
+    p.add_argument("--report-only", action="store_true", help="write the table from finished rows; run nothing")
+    p.add_argument("--out", required=True)
+    p.set_defaults(handler=cmd_compare)
+
+
+def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
+    method = get_method(args.method)
+    if not 0.0 <= args.ratio < 1.0:
+        raise SkipGPTError(f"--ratio must be in [0, 1), got {args.ratio}")
+    out = Path(args.out)
+    if (out / PLAN_NAME).exists():
+        raise SkipGPTError(f"{out} already holds a pruned model; pick another --out or delete it")
+    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    source, _, calib_ids = calibration_and_training(args, tokenizer, TuneConfig.seq_len)
+    plan = method.prune(model, calib_ids, args.ratio)
+    plan.extra["calibration"] = f"{calib_ids.shape[0]} x {calib_ids.shape[1]} held-out tokens of {source.description}"
+    save_pruned(model, plan, out)
+    print(table(["field", "value"], [("method", plan.method), ("target ratio", pct(plan.target_ratio)),
+                                     ("achieved ratio", pct(plan.achieved_ratio)), ("modules removed", len(plan.removed)),
+                                     ("saved", str(out))]))
+    return plan.to_dict()
+
+
+def cmd_compare(args: argparse.Namespace) -> dict[str, Any]:
+    ratios = tuple(float(r) for r in args.ratio.split(",") if r)
+    if not ratios or any(not 0.0 < r < 1.0 for r in ratios):
+        raise SkipGPTError(f"--ratio takes ratios in (0, 1), comma-separated; got {args.ratio!r}")
+    specs = [s for s in args.eval.split(",") if s]
+    texts = {spec: load_source(spec, "test", args.data_dir).text() for spec in specs}
+    cfg = CompareConfig(ratios=ratios, methods=tuple(m for m in args.methods.split(",") if m), eval_specs=tuple(specs),
+                        seq_len=args.seq_len, max_windows=args.max_windows, calib_sequences=args.calib_sequences,
+                        calib_seq_len=args.calib_seq_len, tune=TuneConfig(steps=args.steps, loss=args.loss),
+                        lora_steps=args.lora_steps, include_dense=not args.no_dense,
+                        tasks=tuple(t for t in args.tasks.split(",") if t), task_limit=args.limit,
+                        report_only=args.report_only)
+    cfg.resolved_methods()  # unknown names and missing task files fail before any model is loaded
+    if cfg.tasks:
+        zeroshot_tasks.find_task_files(list(cfg.tasks), args.data_dir)
+    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    source, train_ids, calib_ids = calibration_and_training(args, tokenizer, cfg.tune.seq_len)
+    del model
+    inputs = Inputs(
+        fresh_model=lambda: load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)[0],
+        tokenizer=tokenizer, train_ids=train_ids, calib_ids=calib_ids, eval_texts=texts,
+        data_note=source.description, model_name=args.model, data_dir=args.data_dir,
+    )
+    rows = run_compare(inputs, cfg, Path(args.out))
+    print((Path(args.out) / "comparison.md").read_text())
+    return {"rows": rows}

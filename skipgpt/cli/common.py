@@ -1,0 +1,132 @@
+"""What every command shares: model and data options, output-directory guards, loading a
+routed (or pruned, or LoRA-recovered) model from the command line's options."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from ..baselines import load_pruned
+from ..config import RouterConfig, TuneConfig
+from ..data import DATA_DIR_ENV, data_dir
+from ..errors import SkipGPTError
+from ..models import DEFAULT_MODEL, load_model
+from ..routing.save_load import load_routers
+from ..routing.surgery import has_routers
+from ..training import checkpoint
+from ..training.finetune import load_adapter
+from ..training.tune import RESULTS_NAME
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help="builtin name, local HF dir, .gguf file or hub id (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def data_dir_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", help=f"directory holding the named data sets (default: ${DATA_DIR_ENV})")
+
+
+def tune_args(p: argparse.ArgumentParser, steps: int) -> None:
+    d = TuneConfig()
+    p.add_argument("--target", type=float, default=d.target, help="target sparsity in [0, 1)")
+    p.add_argument("--target-unit", choices=["params", "modules"], default=d.target_unit)
+    p.add_argument("--steps", type=int, default=steps, help="optimizer steps")
+    p.add_argument("--budget-minutes", type=float, default=None,
+                   help="size --steps to this many minutes of tuning + calibration on this machine (timed by a short probe)")
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per process per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--alpha", type=float, default=d.alpha, help="weight of the sparsity loss")
+    p.add_argument("--loss", choices=["nll", "kl"], default=d.loss, help="next-token NLL (paper) or KL to the dense model")
+    p.add_argument("--tau-start", type=float, default=d.tau_start)
+    p.add_argument("--tau-end", type=float, default=d.tau_end)
+    p.add_argument("--noise-start", type=float, default=d.noise_start, help="Gumbel noise scale at the first step")
+    p.add_argument("--noise-end", type=float, default=d.noise_end,
+                   help="Gumbel noise scale at the last step (0: the last steps train the argmax decisions inference deploys)")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default=d.lr_schedule)
+    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="cosine: final lr as a share of --lr")
+    p.add_argument("--hidden-distill", type=float, default=d.hidden_distill,
+                   help="weight of the hidden-state distillation term (relative error of every layer's residual stream; --loss kl)")
+    p.add_argument("--replacement", choices=["none", "bias", "lowrank"], default=RouterConfig.replacement,
+                   help="what a skipped module leaves: nothing (paper), a learned vector, or a low-rank map of the hidden state")
+    p.add_argument("--replacement-rank", type=int, default=RouterConfig.replacement_rank or 32,
+                   help="rank of --replacement lowrank (default: %(default)s)")
+    p.add_argument("--fit-sequences", type=int, default=d.fit_sequences,
+                   help="training sequences the replacements are fitted on before tuning")
+    p.add_argument("--router", choices=["linear", "mlp"], default=RouterConfig.router)
+    p.add_argument("--init", choices=["execute", "importance"], default=RouterConfig.init,
+                   help="start from the dense model, or from the static module cut by Block Influence")
+    p.add_argument("--init-bias", type=float, default=RouterConfig.init_bias, help="execute-logit bias at init (0: random start)")
+    p.add_argument("--kv-policy", choices=["keep", "drop"], default=RouterConfig.kv_policy,
+                   help="keep: a token skipping attention still writes its keys/values (paper); drop: it writes none "
+                        "at that layer (smaller KV cache at inference; trained with the same masking)")
+    p.add_argument("--raw-input", action="store_true", help="feed routers the raw residual stream instead of its RMS-normalised form")
+    p.add_argument("--no-calibrate", action="store_true", help="keep argmax threshold 0 instead of calibrating it to the target")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (measure first on CPU)")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--save-every", type=int, default=d.save_every)
+
+
+def tune_config(args: argparse.Namespace) -> tuple[TuneConfig, RouterConfig]:
+    tune_cfg = TuneConfig(
+        target=args.target, target_unit=args.target_unit, alpha=args.alpha, steps=args.steps, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, seq_len=args.seq_len, lr=args.lr, tau_start=args.tau_start, tau_end=args.tau_end,
+        loss=args.loss, bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
+        save_every=args.save_every, calibrate=not args.no_calibrate, budget_minutes=args.budget_minutes,
+        noise_start=args.noise_start, noise_end=args.noise_end, lr_schedule=args.lr_schedule,
+        min_lr_ratio=args.min_lr_ratio, hidden_distill=args.hidden_distill, fit_sequences=args.fit_sequences,
+    )
+    router_cfg = RouterConfig(router=args.router, init=args.init, init_bias=args.init_bias, input_norm=not args.raw_input,
+                              kv_policy=args.kv_policy, replacement=args.replacement,
+                              replacement_rank=args.replacement_rank if args.replacement == "lowrank" else 0)
+    return tune_cfg, router_cfg
+
+
+def default_train_data(args: argparse.Namespace) -> str:
+    return args.data or ("c4" if data_dir(args.data_dir) else "pydoc")
+
+
+def check_output(out: Path, resume: bool) -> None:
+    if (out / RESULTS_NAME).exists():
+        raise SkipGPTError(f"{out} already holds a finished run; pick another --out or delete it")
+    if checkpoint.find(out) is not None and not resume:
+        raise SkipGPTError(f"{out} holds an unfinished run; add --resume to continue it, or pick another --out")
+
+
+@contextlib.contextmanager
+def no_partial_output(out: Path) -> Iterator[None]:
+    """A run that fails before its first checkpoint leaves no directory it created behind."""
+    created = not out.exists()
+    try:
+        yield
+    except BaseException:
+        if created and checkpoint.find(out) is None:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def routed_model(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The base model with ``--routers`` and ``--adapter`` applied, as eval and generate take them."""
+    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    if getattr(args, "pruned", None):  # analyze takes no --pruned
+        if args.routers:
+            raise SkipGPTError("--pruned and --routers are separate methods; give one of them")
+        load_pruned(model, args.pruned)
+    if args.routers:
+        if has_routers(model):
+            raise SkipGPTError(f"{args.model} carries its own routers (an exported model); omit --routers")
+        load_routers(model, args.routers)
+    if args.adapter:
+        model = load_adapter(model, args.adapter)
+    return model, tokenizer

@@ -1,0 +1,25 @@
+"""``skipgpt export``: one self-contained model directory (LoRA merged, routers beside)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..inference.export import export_model
+from ..models import DEFAULT_MODEL
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="one self-contained directory: weights (LoRA merged) + routers")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--routers", help="router directory")
+    p.add_argument("--adapter", help="LoRA adapter directory from 'skipgpt finetune'")
+    p.add_argument("--out", required=True)
+    p.set_defaults(handler=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
+    out = export_model(args.model, args.out, routers=args.routers, adapter=args.adapter)
+    print(f"exported to {out}: load it with skipgpt.models.load_model({str(out)!r}) or 'skipgpt eval --model {out}'; "
+          "plain transformers loads it as the dense model")
+    return {"out": str(out)}

@@ -1,0 +1,102 @@
+"""The routing state one model's routed layers share: how gates are decided now, and what the
+last forward decided."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ..config import RouterConfig
+from ..errors import SkipGPTError
+from .adapters import ArchAdapter
+from .routers import GateMode, Router, budget_gate, execute_gate, margin, topk_gate
+from .sparsity import SparsityMeter, SparsityStats, gate_stats
+
+
+class RoutingState:
+    """Shared by all routed layers of one model: how gates are decided, and what the last
+    forward decided (kept with gradients, so the trainer can put sparsity in the loss)."""
+
+    def __init__(self, config: RouterConfig, adapter: ArchAdapter, module_params: torch.Tensor,
+                 replacement_params: torch.Tensor | None = None):
+        self.config = config
+        self.adapter = adapter
+        self.module_params = module_params
+        # What a skipped (token, module) pair still costs: its replacement. Parameter ratios count
+        # what is saved, module_params - replacement_params, so replacements are never free.
+        self.replacement_params = torch.zeros_like(module_params) if replacement_params is None else replacement_params
+        self.mode: GateMode = "argmax"
+        self.checkpointing = False  # recompute each layer in backward to save activation memory
+        # Inference (no gradient, deterministic gates) runs only what executes (engine.py);
+        # False computes every branch and multiplies by the gate, the reference it must equal.
+        self.skip_compute = True
+        self.tau = 1.0
+        self.noise = 1.0  # scale of the Gumbel noise in training (0: the argmax decision, straight-through)
+        self.fixed_gates: torch.Tensor | None = None
+        self.token_mask: torch.Tensor | None = None
+        self.gates: list[torch.Tensor | None] = [None] * len(module_params)
+        self.meter: SparsityMeter | None = None
+        self.margin_log: list[list[torch.Tensor]] | None = None  # argmax margins, for calibration
+        # Callbacks (module index, branch input, gated branch output) for importance and analyses.
+        self.observers: list[Callable[[int, torch.Tensor, torch.Tensor], None]] = []
+        self.hooks: list[Any] = []
+
+    def skipping(self) -> bool:
+        """Whether skipped modules are really not computed: at inference, not in training."""
+        return self.skip_compute and self.mode != "gumbel" and not torch.is_grad_enabled()
+
+    @property
+    def num_modules(self) -> int:
+        return len(self.module_params)
+
+    @property
+    def saved_params(self) -> torch.Tensor:
+        """Parameters a skip saves per module: the weights of parameter ratios."""
+        return self.module_params - self.replacement_params
+
+    def decide(self, router: Router, hidden: torch.Tensor, index: int) -> torch.Tensor:
+        if self.config.routing != "skipgpt" and self.mode in ("gumbel", "argmax"):
+            gate = self._baseline_decision(router, hidden, index)
+        elif self.mode == "dense":
+            gate = hidden.new_ones(hidden.shape[:-1], dtype=torch.float32)
+        elif self.mode == "fixed":
+            if self.fixed_gates is None:
+                raise SkipGPTError("gate mode 'fixed' needs gates: set_gate_mode(model, 'fixed', gates=...)")
+            gate = self.fixed_gates[index].to(hidden.device, torch.float32).expand(hidden.shape[:-1])
+        elif self.mode == "argmax" and self.margin_log is None and not torch.is_grad_enabled():
+            gate = router.execute(hidden, self.config.threshold)  # bool, the inference fast path
+        else:
+            logits = router(hidden)
+            gate = execute_gate(logits, self.mode, self.tau, self.config.threshold, self.noise)
+            if self.margin_log is not None:
+                real = margin(logits) if self.token_mask is None else margin(logits)[self.token_mask]
+                self.margin_log[index].append(real.detach().flatten().cpu())
+        self.gates[index] = gate
+        return gate
+
+    def _baseline_decision(self, router: Router, hidden: torch.Tensor, index: int) -> torch.Tensor:
+        """MoD-D's top-k per module, or D-LLM's one decision per layer under a per-token budget."""
+        train = self.mode == "gumbel"
+        if self.config.routing == "mod-d":
+            return topk_gate(router(hidden), self.token_mask, self.config.capacity, train)
+        if index % 2:  # D-LLM: the MLP follows its layer's decision
+            return self.gates[index - 1]  # type: ignore[return-value]
+        layer, layers = index // 2, self.num_modules // 2
+        if train:
+            proposed = execute_gate(router(hidden), "gumbel", self.tau, 0.0)
+        else:
+            proposed = router.execute(hidden, self.config.threshold)
+        # Counted from the gates already decided in this forward, so a checkpointed layer that is
+        # recomputed in backward sees the same count as in forward.
+        executed = sum((g.detach().float() for g in self.gates[0 : 2 * layer : 2]), torch.zeros(hidden.shape[:-1], device=hidden.device))
+        return budget_gate(proposed, executed, layer, layers, round(self.config.capacity * layers))
+
+    def stacked_gates(self) -> torch.Tensor:
+        if any(g is None for g in self.gates):
+            raise SkipGPTError("no routed forward pass has run yet")
+        return torch.stack([g.float() if g.dtype == torch.bool else g for g in self.gates])  # type: ignore[union-attr]
+
+    def last_stats(self) -> SparsityStats:
+        """Sparsity of the last forward pass, differentiable through the gates."""
+        return gate_stats(self.stacked_gates(), self.token_mask, self.module_params, self.replacement_params)
