@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .pause import pause_point
 from .surgery import gate_mode, measure_sparsity, routing_state
 
 
@@ -62,6 +63,7 @@ def calibrate_threshold(
     before, guess = _first_guess(model, sequences, target, unit, batch_size)
     state.config.threshold = guess
     ratio = achieved_ratio(model, sequences, unit, batch_size)
+    pause_point("calibration")
     best = (abs(ratio - target), guess, ratio)
     # More threshold -> more skipping. Bracket the target by doubling steps, then bisect.
     lo = hi = guess
