@@ -345,8 +345,12 @@ def _atomic_write(path: Path, write: Any) -> None:
         raise
 
 
+def write_text(path: Path, text: str) -> None:
+    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
 def write_json(path: Path, data: Any) -> None:
-    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
+    write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def routers_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
