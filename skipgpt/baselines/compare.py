@@ -24,8 +24,9 @@ from ..data import training_sequences
 from ..errors import SkipGPTError
 from ..evaluate import perplexity
 from ..finetune import FinetuneConfig, finetune
+from ..pause import pause_point
 from ..report import pct, table
-from ..surgery import KINDS, load_routers, write_json
+from ..surgery import KINDS, load_routers, write_json, write_text
 from ..tune import RESULTS_NAME, tune_routers
 from ..zeroshot import evaluate_tasks, task_names
 from .dynamic import dynamic_router_config
@@ -183,6 +184,7 @@ def run_compare(inputs: Inputs, cfg: CompareConfig, out: Path) -> list[dict[str,
         write_json(done, made)
         rows += made
         write_report(rows, inputs, cfg, out)
+        pause_point("compare-row")
     write_report(rows, inputs, cfg, out)
     return rows
 
@@ -204,7 +206,7 @@ def write_report(rows: list[dict[str, Any]], inputs: Inputs, cfg: CompareConfig,
     text = (f"# Comparison on {inputs.model_name}\n\nCalibration and training text: {inputs.data_note}. "
             f"Token perplexity, seq-len {cfg.seq_len}, {windows} of each set, no BOS. Ratio = share of decoder-layer parameters removed (static) or skipped per token (dynamic, "
             f"measured on the first evaluation set).\n\n" + table(headers, body) + "\n")
-    (out / "comparison.md").write_text(text)
+    write_text(out / "comparison.md", text)
     write_json(out / "comparison.json", {"model": inputs.model_name, "config": _jsonable(cfg), "rows": rows})
     return text
 
