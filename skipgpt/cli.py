@@ -28,6 +28,7 @@ from .baselines import get_method, load_pruned, save_pruned
 from .baselines.compare import CompareConfig, Inputs, run_compare, split_training_text
 from .baselines.structure import PLAN_NAME
 from .generate import GenerateConfig, generate
+from .lock import output_lock
 from .surgery import (
     CONFIG_NAME,
     attach_routers,
@@ -313,18 +314,26 @@ def _no_partial_output(out: Path) -> Iterator[None]:
         raise
 
 
+@contextlib.contextmanager
+def _writing(out: Path, args: argparse.Namespace) -> Iterator[None]:
+    """A training run's hold on its --out: locked (and proven writable) before any work starts,
+    and gone again if the run fails before its first checkpoint."""
+    with _no_partial_output(out), output_lock(out, f"skipgpt {args.command}"):
+        yield
+
+
 def run_tune(args: argparse.Namespace, data: str) -> dict[str, Any]:
     """Validate everything first, so bad input never leaves a half-made output directory."""
     tune_cfg, router_cfg = _tune_config(args)
     out = Path(args.out)
-    _check_output(out, args.resume)
-    source = load_source(data, "train", args.data_dir)
-    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
-    get_adapter(model)
-    train_ids, calib_ids = training_sequences(tokenizer, source.documents, tune_cfg.seq_len, tune_cfg.calib_sequences, tune_cfg.calib_seq_len)
-    print(f"skipgpt: tuning routers on {source.description}: {train_ids.shape[0]} sequences of {tune_cfg.seq_len} tokens"
-          f"{'' if calib_ids is None else f', {calib_ids.numel()} held-out tokens for calibration'}", file=sys.stderr)
-    with _no_partial_output(out):
+    with _writing(out, args):
+        _check_output(out, args.resume)
+        source = load_source(data, "train", args.data_dir)
+        model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+        get_adapter(model)
+        train_ids, calib_ids = training_sequences(tokenizer, source.documents, tune_cfg.seq_len, tune_cfg.calib_sequences, tune_cfg.calib_seq_len)
+        print(f"skipgpt: tuning routers on {source.description}: {train_ids.shape[0]} sequences of {tune_cfg.seq_len} tokens"
+              f"{'' if calib_ids is None else f', {calib_ids.numel()} held-out tokens for calibration'}", file=sys.stderr)
         return tune_routers(
             model, train_ids, tune_cfg, out, router_config=router_cfg, calib_ids=calib_ids, resume=args.resume,
             meta={"model": args.model, "data": source.description},
@@ -438,16 +447,16 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
                                     "lr": args.router_lr, "steps": args.steps, "seed": args.seed}),
     )
     out = Path(args.out)
-    _check_output(out, args.resume)
-    source = load_source(_default_train_data(args), "train", args.data_dir)
-    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
-    if args.routers:
-        load_routers(model, args.routers)
-    elif args.joint:
-        attach_routers(model, RouterConfig())
-    # The same split as 'tune': every mode trains on the same text, joint calibrates on the held-out tail.
-    train_ids, calib_ids = training_sequences(tokenizer, source.documents, cfg.seq_len, base.calib_sequences, base.calib_seq_len)
-    with _no_partial_output(out):
+    with _writing(out, args):
+        _check_output(out, args.resume)
+        source = load_source(_default_train_data(args), "train", args.data_dir)
+        model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+        if args.routers:
+            load_routers(model, args.routers)
+        elif args.joint:
+            attach_routers(model, RouterConfig())
+        # The same split as 'tune': every mode trains on the same text, joint calibrates on the held-out tail.
+        train_ids, calib_ids = training_sequences(tokenizer, source.documents, cfg.seq_len, base.calib_sequences, base.calib_seq_len)
         _, results = finetune(model, train_ids, cfg, out, resume=args.resume, calib_ids=calib_ids,
                               meta={"model": args.model, "routers": args.routers, "data": source.description})
     print(table(["field", "value"], [("result", results["stage"]), ("adapter", args.out),
@@ -456,7 +465,8 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
-    out = export_model(args.model, args.out, routers=args.routers, adapter=args.adapter)
+    with output_lock(Path(args.out), "skipgpt export"):
+        out = export_model(args.model, args.out, routers=args.routers, adapter=args.adapter)
     print(f"exported to {out}: load it with skipgpt.models.load_model({str(out)!r}) or 'skipgpt eval --model {out}'; "
           "plain transformers loads it as the dense model")
     return {"out": str(out)}
@@ -649,15 +659,16 @@ def cmd_compare(args: argparse.Namespace) -> dict[str, Any]:
     cfg.resolved_methods()  # unknown names and missing task files fail before any model is loaded
     if cfg.tasks:
         zeroshot.find_task_files(list(cfg.tasks), args.data_dir)
-    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
-    source, train_ids, calib_ids = _calibration_and_training(args, tokenizer, cfg.tune.seq_len)
-    del model
-    inputs = Inputs(
-        fresh_model=lambda: load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)[0],
-        tokenizer=tokenizer, train_ids=train_ids, calib_ids=calib_ids, eval_texts=texts,
-        data_note=source.description, model_name=args.model, data_dir=args.data_dir,
-    )
-    rows = run_compare(inputs, cfg, Path(args.out))
+    with output_lock(Path(args.out), "skipgpt compare"):  # finished rows stay whatever fails later
+        model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+        source, train_ids, calib_ids = _calibration_and_training(args, tokenizer, cfg.tune.seq_len)
+        del model
+        inputs = Inputs(
+            fresh_model=lambda: load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)[0],
+            tokenizer=tokenizer, train_ids=train_ids, calib_ids=calib_ids, eval_texts=texts,
+            data_note=source.description, model_name=args.model, data_dir=args.data_dir,
+        )
+        rows = run_compare(inputs, cfg, Path(args.out))
     print((Path(args.out) / "comparison.md").read_text())
     return {"rows": rows}
 
