@@ -22,5 +22,9 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
         raise
 
 
+def write_text(path: Path, text: str) -> None:
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
 def write_json(path: Path, data: Any) -> None:
-    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
+    write_text(path, json.dumps(data, indent=2) + "\n")

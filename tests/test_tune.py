@@ -244,7 +244,7 @@ def test_interrupted_and_resumed_run_equals_straight_run(tmp_path, monkeypatch):
     with pytest.raises(SkipGPTError, match="unfinished run"):
         run(interrupted, **RESUME)  # without resume=True
     with pytest.raises(SkipGPTError, match="different settings"):
-        run(interrupted, resume=True, **{**RESUME, "lr": 2e-2})
+        run(interrupted, resume=True, **{**RESUME, "alpha": 4.0})
 
     _, results_b = run(interrupted, resume=True, **RESUME)
     assert_same_tensors(

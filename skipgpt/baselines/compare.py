@@ -25,7 +25,8 @@ from ..errors import SkipGPTError
 from ..evaluation.perplexity import perplexity
 from ..evaluation.report import pct, table
 from ..evaluation.zeroshot import evaluate_tasks, task_names
-from ..files import write_json
+from ..files import write_json, write_text
+from ..pause import pause_point
 from ..routing.adapters import KINDS
 from ..routing.save_load import load_routers
 from ..training.finetune import FinetuneConfig, finetune
@@ -185,6 +186,7 @@ def run_compare(inputs: Inputs, cfg: CompareConfig, out: Path) -> list[dict[str,
         write_json(done, made)
         rows += made
         write_report(rows, inputs, cfg, out)
+        pause_point("compare-row")
     write_report(rows, inputs, cfg, out)
     return rows
 
@@ -206,7 +208,7 @@ def write_report(rows: list[dict[str, Any]], inputs: Inputs, cfg: CompareConfig,
     text = (f"# Comparison on {inputs.model_name}\n\nCalibration and training text: {inputs.data_note}. "
             f"Token perplexity, seq-len {cfg.seq_len}, {windows} of each set, no BOS. Ratio = share of decoder-layer parameters removed (static) or skipped per token (dynamic, "
             f"measured on the first evaluation set).\n\n" + table(headers, body) + "\n")
-    (out / "comparison.md").write_text(text)
+    write_text(out / "comparison.md", text)
     write_json(out / "comparison.json", {"model": inputs.model_name, "config": _jsonable(cfg), "rows": rows})
     return text
 

@@ -13,6 +13,7 @@ from ..data import load_source
 from ..errors import SkipGPTError
 from ..evaluation import zeroshot_tasks
 from ..evaluation.report import pct, table
+from ..lock import output_lock
 from ..models import load_model
 from .common import (
     DTYPES,
@@ -89,14 +90,15 @@ def cmd_compare(args: argparse.Namespace) -> dict[str, Any]:
     cfg.resolved_methods()  # unknown names and missing task files fail before any model is loaded
     if cfg.tasks:
         zeroshot_tasks.find_task_files(list(cfg.tasks), args.data_dir)
-    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
-    source, train_ids, calib_ids = calibration_and_training(args, tokenizer, cfg.tune.seq_len)
-    del model
-    inputs = Inputs(
-        fresh_model=lambda: load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)[0],
-        tokenizer=tokenizer, train_ids=train_ids, calib_ids=calib_ids, eval_texts=texts,
-        data_note=source.description, model_name=args.model, data_dir=args.data_dir,
-    )
-    rows = run_compare(inputs, cfg, Path(args.out))
+    with output_lock(Path(args.out), "skipgpt compare"):  # finished rows stay whatever fails later
+        model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+        source, train_ids, calib_ids = calibration_and_training(args, tokenizer, cfg.tune.seq_len)
+        del model
+        inputs = Inputs(
+            fresh_model=lambda: load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)[0],
+            tokenizer=tokenizer, train_ids=train_ids, calib_ids=calib_ids, eval_texts=texts,
+            data_note=source.description, model_name=args.model, data_dir=args.data_dir,
+        )
+        rows = run_compare(inputs, cfg, Path(args.out))
     print((Path(args.out) / "comparison.md").read_text())
     return {"rows": rows}

@@ -15,6 +15,7 @@ from ..baselines import load_pruned
 from ..config import RouterConfig, TuneConfig
 from ..data import DATA_DIR_ENV, data_dir
 from ..errors import SkipGPTError
+from ..lock import output_lock
 from ..models import DEFAULT_MODEL, load_model
 from ..routing.save_load import load_routers
 from ..routing.surgery import has_routers
@@ -114,6 +115,14 @@ def no_partial_output(out: Path) -> Iterator[None]:
         if created and checkpoint.find(out) is None:
             shutil.rmtree(out, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def writing(out: Path, args: argparse.Namespace) -> Iterator[None]:
+    """A training run's hold on its --out: locked (and proven writable) before any work starts,
+    and gone again if the run fails before its first checkpoint."""
+    with no_partial_output(out), output_lock(out, f"skipgpt {args.command}"):
+        yield
 
 
 def routed_model(args: argparse.Namespace) -> tuple[Any, Any]:

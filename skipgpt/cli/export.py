@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from ..inference.export import export_model
+from ..lock import output_lock
 from ..models import DEFAULT_MODEL
 
 
@@ -19,7 +21,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
-    out = export_model(args.model, args.out, routers=args.routers, adapter=args.adapter)
+    with output_lock(Path(args.out), "skipgpt export"):
+        out = export_model(args.model, args.out, routers=args.routers, adapter=args.adapter)
     print(f"exported to {out}: load it with skipgpt.models.load_model({str(out)!r}) or 'skipgpt eval --model {out}'; "
           "plain transformers loads it as the dense model")
     return {"out": str(out)}

@@ -21,16 +21,7 @@ from ..routing.surgery import attach_routers
 from ..training.calibrate import recalibrate
 from ..training.finetune import FinetuneConfig, finetune
 from ..training.tune import tune_routers
-from .common import (
-    DTYPES,
-    check_output,
-    data_dir_arg,
-    default_train_data,
-    model_args,
-    no_partial_output,
-    tune_args,
-    tune_config,
-)
+from .common import DTYPES, check_output, data_dir_arg, default_train_data, model_args, tune_args, tune_config, writing
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -87,14 +78,14 @@ def run_tune(args: argparse.Namespace, data: str) -> dict[str, Any]:
     """Validate everything first, so bad input never leaves a half-made output directory."""
     tune_cfg, router_cfg = tune_config(args)
     out = Path(args.out)
-    check_output(out, args.resume)
-    source = load_source(data, "train", args.data_dir)
-    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
-    get_adapter(model)
-    train_ids, calib_ids = training_sequences(tokenizer, source.documents, tune_cfg.seq_len, tune_cfg.calib_sequences, tune_cfg.calib_seq_len)
-    print(f"skipgpt: tuning routers on {source.description}: {train_ids.shape[0]} sequences of {tune_cfg.seq_len} tokens"
-          f"{'' if calib_ids is None else f', {calib_ids.numel()} held-out tokens for calibration'}", file=sys.stderr)
-    with no_partial_output(out):
+    with writing(out, args):
+        check_output(out, args.resume)
+        source = load_source(data, "train", args.data_dir)
+        model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+        get_adapter(model)
+        train_ids, calib_ids = training_sequences(tokenizer, source.documents, tune_cfg.seq_len, tune_cfg.calib_sequences, tune_cfg.calib_seq_len)
+        print(f"skipgpt: tuning routers on {source.description}: {train_ids.shape[0]} sequences of {tune_cfg.seq_len} tokens"
+              f"{'' if calib_ids is None else f', {calib_ids.numel()} held-out tokens for calibration'}", file=sys.stderr)
         return tune_routers(
             model, train_ids, tune_cfg, out, router_config=router_cfg, calib_ids=calib_ids, resume=args.resume,
             meta={"model": args.model, "data": source.description},
@@ -125,16 +116,16 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
                                     "lr": args.router_lr, "steps": args.steps, "seed": args.seed}),
     )
     out = Path(args.out)
-    check_output(out, args.resume)
-    source = load_source(default_train_data(args), "train", args.data_dir)
-    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
-    if args.routers:
-        load_routers(model, args.routers)
-    elif args.joint:
-        attach_routers(model, RouterConfig())
-    # The same split as 'tune': every mode trains on the same text, joint calibrates on the held-out tail.
-    train_ids, calib_ids = training_sequences(tokenizer, source.documents, cfg.seq_len, base.calib_sequences, base.calib_seq_len)
-    with no_partial_output(out):
+    with writing(out, args):
+        check_output(out, args.resume)
+        source = load_source(default_train_data(args), "train", args.data_dir)
+        model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+        if args.routers:
+            load_routers(model, args.routers)
+        elif args.joint:
+            attach_routers(model, RouterConfig())
+        # The same split as 'tune': every mode trains on the same text, joint calibrates on the held-out tail.
+        train_ids, calib_ids = training_sequences(tokenizer, source.documents, cfg.seq_len, base.calib_sequences, base.calib_seq_len)
         _, results = finetune(model, train_ids, cfg, out, resume=args.resume, calib_ids=calib_ids,
                               meta={"model": args.model, "routers": args.routers, "data": source.description})
     print(table(["field", "value"], [("result", results["stage"]), ("adapter", args.out),

@@ -59,6 +59,13 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], cfg
     if cfg.max_new_tokens < 1:
         raise SkipGPTError(f"max_new_tokens must be at least 1, got {cfg.max_new_tokens}")
     inputs = _encode(tokenizer, prompts, cfg.chat, next(model.parameters()).device)
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    longest = inputs["input_ids"].shape[1]
+    if context is not None and longest + cfg.max_new_tokens > context:
+        raise SkipGPTError(
+            f"the longest prompt has {longest} tokens; with {cfg.max_new_tokens} new tokens that exceeds the model's "
+            f"context of {context} tokens: shorten the prompt or lower --max-new-tokens"
+        )
     sampling = dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k) if cfg.do_sample else dict(do_sample=False)
     torch.manual_seed(cfg.seed)
     meter_ctx = measure_sparsity(model) if has_routers(model) else contextlib.nullcontext()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..pause import pause_point
 from ..routing.save_load import read_router_config, save_routers
 from ..routing.surgery import gate_mode, measure_sparsity, routing_state
 
@@ -65,6 +66,7 @@ def calibrate_threshold(
     before, guess = _first_guess(model, sequences, target, unit, batch_size)
     state.config.threshold = guess
     ratio = achieved_ratio(model, sequences, unit, batch_size)
+    pause_point("calibration")
     best = (abs(ratio - target), guess, ratio)
     # More threshold -> more skipping. Bracket the target by doubling steps, then bisect.
     lo = hi = guess

@@ -9,6 +9,9 @@ the same LoRA recipe with no routers, the "Dense + LoRA" row.
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +96,18 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> PeftModel:
             f"the adapter in {adapter_dir} does not fit this model ({str(err).splitlines()[0]}); "
             "load it onto the base model it was trained on"
         ) from None
+
+
+def _save_adapter(peft_model: PeftModel, out: Path) -> None:
+    """PEFT writes its files in place; staged beside them and renamed one by one, no file under
+    its final name is ever half-written, whenever the run is killed."""
+    staging = Path(tempfile.mkdtemp(prefix=".adapter.", dir=out))
+    try:
+        peft_model.save_pretrained(str(staging))
+        for path in staging.iterdir():
+            os.replace(path, out / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _base_model_teacher(peft_model: PeftModel) -> Teacher:
@@ -197,7 +212,7 @@ def finetune(
         **(meta or {}),
     }
     if accelerator.is_main_process:
-        peft_model.save_pretrained(str(out))
+        _save_adapter(peft_model, out)
         if routed:
             save_routers(model, out, extra={"training": cfg.to_dict(), **(meta or {})})
         write_json(out / RESULTS_NAME, results)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from ..errors import SkipGPTError
+from ..files import write_text
+from ..pause import pause_point
 from . import checkpoint
 
 LOG_NAME = "train_log.jsonl"
@@ -83,43 +86,62 @@ def run_loop(
     rank, world = accelerator.process_index, accelerator.num_processes
     log_path = out_dir / LOG_NAME
     start_step, elapsed_before = 0, 0.0
+    metrics: dict[str, Any] = {}
+    if accelerator.is_main_process:
+        checkpoint.discard_staging(out_dir)
+    accelerator.wait_for_everyone()
     found = checkpoint.find(out_dir)
     if found is not None and not resume:
         raise SkipGPTError(f"{out_dir} holds an unfinished run; add --resume to continue it, or pick another --out")
     if found is not None:
+        saved_world = checkpoint.load_trainer_state(found).get("world_size", 1)
+        if saved_world != world:
+            raise SkipGPTError(
+                f"the checkpoint in {out_dir} was written by {saved_world} process(es), this run has {world}; resume "
+                f"it with the same number (accelerate launch --num_processes {saved_world}): the data order depends on it"
+            )
         saved = checkpoint.load(found, rank)
-        if saved["trainer_state"]["fingerprint"] != json.loads(json.dumps(spec.fingerprint)):
+        if _without_learning_rates(saved["trainer_state"]["fingerprint"]) != _without_learning_rates(spec.fingerprint):
             raise SkipGPTError(
                 f"the checkpoint in {out_dir} was made with different settings; resume with the same "
-                "options (see its trainer_state.json) or pick another --out"
+                "options (see its trainer_state.json; only the learning rate may change) or pick another --out"
             )
+        wanted_lrs = list(_inner(scheduler).base_lrs)
         load_weights(saved["weights"])
         optimizer.load_state_dict(saved["optim"]["optimizer"])
         scheduler.load_state_dict(saved["optim"]["scheduler"])
         checkpoint.set_rng_state(saved["rng"])
         start_step = saved["trainer_state"]["step"]
         elapsed_before = saved["trainer_state"]["elapsed_s"]
-        if accelerator.is_main_process and log_path.exists():
-            # Drop log lines past the checkpoint: they will be produced again.
-            lines = [l for l in log_path.read_text().splitlines() if l and json.loads(l)["step"] < start_step]
-            log_path.write_text("".join(l + "\n" for l in lines))
+        metrics = saved["trainer_state"].get("metrics", {})
+        previous_lrs = _set_learning_rates(optimizer, scheduler, wanted_lrs)
+        if accelerator.is_main_process:
+            if previous_lrs is not None:
+                print(f"skipgpt: resuming at step {start_step} with learning rate(s) {_lrs(wanted_lrs)} "
+                      f"instead of {_lrs(previous_lrs)}", file=sys.stderr)
+            if log_path.exists():  # drop log lines past the checkpoint: they will be produced again
+                write_text(log_path, "".join(line + "\n" for line in _log_lines_before(log_path, start_step)))
     elif accelerator.is_main_process:
         log_path.unlink(missing_ok=True)
+    last_saved = start_step
 
     def save(step: int, elapsed: float) -> None:
+        nonlocal last_saved
         checkpoint.write_rank_state(out_dir, rank)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            state = {"step": step, "elapsed_s": elapsed, "fingerprint": spec.fingerprint}
+            state = {"step": step, "elapsed_s": elapsed, "world_size": world, "fingerprint": spec.fingerprint,
+                     "metrics": metrics}
             checkpoint.write_main_state(out_dir, weights(), optimizer, scheduler, state)
             checkpoint.commit(out_dir)
         accelerator.wait_for_everyone()
+        last_saved = step
 
     n = data.shape[0]
     bar = tqdm(total=spec.steps, initial=start_step, desc=desc, disable=not (progress and accelerator.is_main_process), unit="step")
-    metrics: dict[str, Any] = {}
     t0 = time.perf_counter()
     for step in range(start_step, spec.steps):
+        pause_point("step")
         sums: dict[str, float] = {}
         for micro in range(spec.grad_accum):
             idx = batch_indices(step, micro, n=n, batch_size=spec.batch_size, grad_accum=spec.grad_accum, rank=rank, world=world, seed=spec.seed)
@@ -130,10 +152,15 @@ def run_loop(
                 accelerator.backward(loss / spec.grad_accum)
             for k, v in {"loss": float(loss.detach()), **parts}.items():
                 sums[k] = sums.get(k, 0.0) + v / spec.grad_accum
+        reduced = accelerator.reduce(torch.tensor(list(sums.values()), device=accelerator.device), "mean")
+        bad = [k for k, v in zip(sums, reduced.tolist()) if not math.isfinite(v)]
+        if bad:  # before the optimizer step: the weights in memory stay those of the last good step
+            kept = (f"the checkpoint of step {last_saved} is kept: continue with --resume and a lower --lr"
+                    if last_saved else "no checkpoint was saved yet: start again with a lower --lr")
+            raise SkipGPTError(f"non-finite {', '.join(bad)} at step {step}; {kept}")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        reduced = accelerator.reduce(torch.tensor(list(sums.values()), device=accelerator.device), "mean")
         elapsed = elapsed_before + time.perf_counter() - t0
         metrics = {
             "step": step,
@@ -142,8 +169,6 @@ def run_loop(
             "tokens": (step + 1) * spec.grad_accum * spec.batch_size * world * data.shape[1],
             "elapsed_s": round(elapsed, 2),
         }
-        if not all(math.isfinite(v) for v in reduced.tolist()):
-            raise SkipGPTError(f"loss became non-finite at step {step}; lower the learning rate")
         if accelerator.is_main_process:
             with log_path.open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
@@ -157,6 +182,50 @@ def run_loop(
             break
     bar.close()
     return metrics
+
+
+def _without_learning_rates(fingerprint: Any) -> Any:
+    """A fingerprint less its learning rates: the one setting a resume may change, so that a run
+    stopped by a non-finite loss can go on from its last checkpoint with a lower one."""
+    if isinstance(fingerprint, dict):
+        return {k: _without_learning_rates(v) for k, v in fingerprint.items() if k != "lr"}
+    return json.loads(json.dumps(fingerprint))
+
+
+def _inner(scheduler: Any) -> torch.optim.lr_scheduler.LambdaLR:
+    return getattr(scheduler, "scheduler", scheduler)  # accelerate wraps the scheduler
+
+
+def _set_learning_rates(optimizer: Any, scheduler: Any, wanted: list[float]) -> list[float] | None:
+    """Put this session's learning rates (``wanted``, from its options) into a resumed run; the
+    schedule's position and the optimizer's moments stay the checkpoint's. Returns the
+    checkpoint's rates if they differ."""
+    inner = _inner(scheduler)
+    saved = list(inner.base_lrs)
+    if saved == wanted:
+        return None
+    for group, lr, factor in zip(optimizer.param_groups, wanted, inner.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(inner.last_epoch)
+    inner.base_lrs = wanted
+    inner._last_lr = [group["lr"] for group in optimizer.param_groups]
+    return saved
+
+
+def _lrs(values: list[float]) -> str:
+    return ", ".join(f"{v:g}" for v in values)
+
+
+def _log_lines_before(log_path: Path, step: int) -> list[str]:
+    """The log lines of steps before ``step``; a last line cut short by a crash is dropped."""
+    kept = []
+    for line in log_path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] < step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    return kept
 
 
 def _past_deadline(accelerator: Accelerator, stop_at: float, t0: float, steps_done: int) -> bool:
