@@ -5,6 +5,7 @@ from .config import RouterConfig, TuneConfig
 from .engine import DroppedKVCache
 from .errors import SkipGPTError
 from .generate import GenerateConfig, Generation, generate
+from .speculative import speculative_decode
 from .surgery import (
     attach_routers,
     detach_routers,
@@ -41,4 +42,5 @@ __all__ = [
     "routing_state",
     "save_routers",
     "set_gate_mode",
+    "speculative_decode",
 ]
