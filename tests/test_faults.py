@@ -19,17 +19,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import skipgpt.inference.export
 import torch
 from conftest import REPO, assert_same_tensors, forbid_model_loading, save_tiny_model_dir, write_word_text
 from safetensors.torch import load_file
 
+import skipgpt.inference.export
 import skipgpt.training.tune
 from skipgpt import SkipGPTError
-from skipgpt.training import checkpoint
 from skipgpt.cli import main
 from skipgpt.lock import LOCK_NAME, output_lock
 from skipgpt.pause import MARKER_ENV, PAUSE_ENV
+from skipgpt.training import checkpoint
 
 TUNE = ["--steps", "6", "--seq-len", "16", "--batch-size", "2", "--lr", "1e-2", "--save-every", "2"]
 

@@ -10,6 +10,7 @@ from ..errors import SkipGPTError
 from ..evaluation.report import pct, table
 from ..files import write_json
 from ..inference.generate import GenerateConfig, generate
+from ..inference.speculative import parse_draft_tokens
 from ..routing.surgery import has_routers, routing_state
 from .common import (
     model_args,
@@ -33,6 +34,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=g.top_k)
     p.add_argument("--seed", type=int, default=g.seed)
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template (instruct models)")
+    p.add_argument("--speculative", action="store_true",
+                   help="the routed model drafts, the same weights verify dense: the dense model's output (needs routers)")
+    p.add_argument("--draft-tokens", help=f"tokens drafted per round with --speculative: K >= 1 or 'auto' (default {g.draft_tokens})")
     p.add_argument("--masked", action="store_true",
                    help="compute every module and multiply by the gate (the reference the skipping path must match)")
     p.add_argument("--json", help="write texts and sparsity here")
@@ -48,8 +52,12 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
             raise SkipGPTError(f"cannot read --prompt-file: {err}") from None
     if not prompts:
         raise SkipGPTError("give --prompt TEXT (repeatable) or --prompt-file FILE")
+    if args.draft_tokens is not None and not args.speculative:
+        raise SkipGPTError("--draft-tokens sets speculative decoding: add --speculative")
+    draft = parse_draft_tokens(GenerateConfig.draft_tokens if args.draft_tokens is None else args.draft_tokens)
     cfg = GenerateConfig(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
-                         top_p=args.top_p, top_k=args.top_k, seed=args.seed, chat=args.chat)
+                         top_p=args.top_p, top_k=args.top_k, seed=args.seed, chat=args.chat,
+                         speculative=args.speculative, draft_tokens=draft)
     model, tokenizer = routed_model(args)
     if has_routers(model):
         routing_state(model).skip_compute = not args.masked
@@ -57,12 +65,17 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     for prompt, text in zip(prompts, result.texts):
         print(f"### {prompt}\n{text}\n")
     rows = [("new tokens", result.new_tokens), ("tokens/s", f"{result.new_tokens / result.seconds:.1f}")]
+    if result.speculative:
+        rows += [("acceptance rate", pct(result.speculative["acceptance_rate"])),
+                 ("mean accepted length", f"{result.speculative['mean_accepted_length']:.2f}")]
     if result.sparsity:
-        rows += [("parameter ratio skipped", pct(result.sparsity["param_ratio"])), ("module sparsity", pct(result.sparsity["module_sparsity"])),
-                 ("attention / MLP skipped", f"{pct(result.sparsity['attn_sparsity'])} / {pct(result.sparsity['mlp_sparsity'])}")]
+        who = "draft: " if result.speculative else ""  # speculative output is the dense model's
+        rows += [(f"{who}parameter ratio skipped", pct(result.sparsity["param_ratio"])), (f"{who}module sparsity", pct(result.sparsity["module_sparsity"])),
+                 (f"{who}attention / MLP skipped", f"{pct(result.sparsity['attn_sparsity'])} / {pct(result.sparsity['mlp_sparsity'])}")]
     print(table(["field", "value"], rows))
     out = {"prompts": prompts, "texts": result.texts, "generate": cfg.to_dict(), "new_tokens": result.new_tokens,
-           "seconds": round(result.seconds, 3), "sparsity": result.sparsity, "model": args.model, "routers": args.routers}
+           "seconds": round(result.seconds, 3), "sparsity": result.sparsity, "speculative": result.speculative,
+           "model": args.model, "routers": args.routers}
     if args.json:
         write_json(Path(args.json), out)
     return out

@@ -4,5 +4,6 @@
   that route there.
 * ``kv.py``: KV policy ``drop`` (skipping tokens write no keys or values) and its cache.
 * ``cost.py``: FLOPs of a forward from its routing decisions, the yardstick of ideal speedups.
-* ``generate.py``: text generation; ``export.py``: one self-contained model directory.
+* ``generate.py``: text generation; ``speculative.py``: lossless self-speculative decoding (the
+  routed model drafts, the same weights verify dense); ``export.py``: one self-contained model directory.
 """

@@ -3,7 +3,9 @@
 The routed model *is* a transformers model, so ``model.generate`` works as usual (KV cache,
 sampling, stopping). This wrapper adds what a user of skipgpt wants around it: batched prompts
 padded on the left, an optional chat template, a fixed seed for sampling, and the sparsity that
-routing achieved over the prompt and the generated tokens (padding excluded).
+routing achieved over the prompt and the generated tokens (padding excluded). With
+``speculative=True`` the routed model only drafts and the same weights verify dense
+(:mod:`skipgpt.speculative`): the dense model's output, at the draft's speed where it is right.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from ..config import JsonConfig
 from ..errors import SkipGPTError
 from ..routing.surgery import has_routers, measure_sparsity
+from .speculative import AUTO_START, Sampling, parse_draft_tokens, speculative_decode
 
 
 @dataclass
@@ -29,6 +32,8 @@ class GenerateConfig(JsonConfig):
     top_k: int = 0
     seed: int = 0
     chat: bool = False  # wrap each prompt in the tokenizer's chat template (instruct models)
+    speculative: bool = False  # the routed model drafts, the dense model (same weights) decides
+    draft_tokens: int | str = AUTO_START  # tokens drafted per round, or "auto"
 
 
 @dataclass
@@ -36,7 +41,8 @@ class Generation:
     texts: list[str]
     new_tokens: int
     seconds: float
-    sparsity: dict[str, Any] | None = field(default=None)
+    sparsity: dict[str, Any] | None = field(default=None)  # speculative: the draft's
+    speculative: dict[str, Any] | None = None  # rounds, acceptance rate, mean accepted length
 
 
 def _encode(tokenizer: Any, prompts: Sequence[str], chat: bool, device: torch.device) -> dict[str, torch.Tensor]:
@@ -58,6 +64,8 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], cfg
         raise SkipGPTError("give at least one non-empty prompt")
     if cfg.max_new_tokens < 1:
         raise SkipGPTError(f"max_new_tokens must be at least 1, got {cfg.max_new_tokens}")
+    if cfg.speculative:
+        parse_draft_tokens(cfg.draft_tokens)  # bad input fails before any work
     inputs = _encode(tokenizer, prompts, cfg.chat, next(model.parameters()).device)
     context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     longest = inputs["input_ids"].shape[1]
@@ -69,9 +77,16 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], cfg
     sampling = dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k) if cfg.do_sample else dict(do_sample=False)
     torch.manual_seed(cfg.seed)
     meter_ctx = measure_sparsity(model) if has_routers(model) else contextlib.nullcontext()
+    stats = None
     start = time.perf_counter()
     with torch.no_grad(), meter_ctx as meter:
-        out = model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
+        if cfg.speculative:
+            out, stats = speculative_decode(
+                model, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=cfg.max_new_tokens,
+                draft_tokens=cfg.draft_tokens, seed=cfg.seed, pad_token_id=tokenizer.pad_token_id,
+                sampling=Sampling(cfg.temperature, cfg.top_p, cfg.top_k) if cfg.do_sample else None)
+        else:
+            out = model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
     seconds = time.perf_counter() - start
     new = out[:, inputs["input_ids"].shape[1]:]
     return Generation(
@@ -79,4 +94,5 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], cfg
         new_tokens=int((new != tokenizer.pad_token_id).sum()),
         seconds=seconds,
         sparsity=meter.summary() if meter is not None else None,
+        speculative=stats.summary() if stats is not None else None,
     )

@@ -46,6 +46,20 @@ class DroppedKVLayer(DynamicLayer):
         """Tokens seen, not stored: what generation and mask sizes count in."""
         return self.seen if self.is_initialized else 0
 
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last ``-tokens_to_remove`` tokens seen (transformers' convention: a negative
+        count), by position, since stored slots are not tokens: speculative decoding rolls the
+        draft back to what the dense model accepted. Slots no row holds any more are freed."""
+        if tokens_to_remove > 0:
+            raise SkipGPTError(f"crop takes the number of tokens to remove as a negative count, got {tokens_to_remove}")
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        self.seen = max(self.seen + tokens_to_remove, 0)
+        self.valid = self.valid & (self.positions < self.seen)
+        slots = self.valid.any(0).nonzero().squeeze(1)
+        self.keys, self.values = self.keys.index_select(2, slots), self.values.index_select(2, slots)
+        self.positions, self.valid = self.positions[:, slots], self.valid[:, slots]
+
 
 class DroppedKVCache(DynamicCache):
     """A cache for KV policy ``drop``: ``model.generate(..., cache=DroppedKVCache())``."""

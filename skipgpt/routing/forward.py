@@ -43,9 +43,9 @@ def _routed_layer_body(self: nn.Module, hidden_states: torch.Tensor, **kwargs: A
         router = self.skip_routers[kind]
         gate = state.decide(router, hidden_states, index)
         execute = (gate if gate.dtype == torch.bool else gate > 0) if sparse else None
-        if execute is not None and state.token_mask is not None:
-            execute = execute & state.token_mask  # padding runs nothing
-        drop = kind == "attn" and state.config.kv_policy == "drop"
+        if execute is not None and state.token_mask is not None and state.mode != "dense":
+            execute = execute & state.token_mask  # padding runs nothing; "dense" is the plain model's computation
+        drop = kind == "attn" and state.drops_keys
         if execute is not None and (drop or not bool(execute.all() if execute.numel() > 1 else execute)):
             window = state.adapter.attention_window(module) if kind == "attn" else None
             update = skip_branch(kind, norm, module, post_norm, hidden_states, execute, kwargs, state.config.kv_policy, window)
@@ -87,7 +87,7 @@ def before_model_forward(state: RoutingState, args: tuple, kwargs: dict) -> tupl
     real = None if mask is None or ids is None else mask[:, -ids.shape[1] :].bool()
     state.token_mask = None if real is None or bool(real.all()) else real  # None: every token is real
     state.gates = [None] * state.num_modules
-    if state.config.kv_policy == "drop" and state.skipping() and kwargs.get("use_cache", True) is not False:
+    if state.drops_keys and state.skipping() and kwargs.get("use_cache", True) is not False:
         name = "past_key_values" if "past_key_values" in kwargs else "cache"
         cache = kwargs.get(name)
         if cache is None or (type(cache) is DynamicCache and cache.get_seq_length() == 0):

@@ -42,6 +42,13 @@ class RoutingState:
         self.observers: list[Callable[[int, torch.Tensor, torch.Tensor], None]] = []
         self.hooks: list[Any] = []
 
+    @property
+    def drops_keys(self) -> bool:
+        """KV policy ``drop`` in effect. Under gate mode ``dense`` every token executes and writes
+        its keys, so the model takes its own path and cache (the dense verifier of speculative
+        decoding relies on this)."""
+        return self.config.kv_policy == "drop" and self.mode != "dense"
+
     def skipping(self) -> bool:
         """Whether skipped modules are really not computed: at inference, not in training."""
         return self.skip_compute and self.mode != "gumbel" and not torch.is_grad_enabled()

@@ -23,14 +23,7 @@ from ..config import RouterConfig, TuneConfig
 from ..errors import SkipGPTError
 from ..files import write_json
 from ..routing.save_load import load_routers_state_dict, routers_state_dict, save_routers
-from ..routing.surgery import (
-    attach_routers,
-    gate_mode,
-    has_routers,
-    router_parameters,
-    routing_state,
-    set_gate_mode,
-)
+from ..routing.surgery import attach_routers, gate_mode, has_routers, router_parameters, routing_state, set_gate_mode
 from . import checkpoint
 from .calibrate import achieved_ratio, calibrate_threshold
 from .importance import seed_routers_from_importance
