@@ -136,6 +136,8 @@ def load_model(
     else:
         model = _from_pretrained(AutoModelForCausalLM, name_or_path, path, dtype=dtype, **kwargs)
     model.to(device).eval()
+    if name_or_path in BUILTIN_MODELS:
+        model.skipgpt_builtin = name_or_path  # builtin router sets load onto this model only
     if "gguf_file" not in kwargs and (Path(path) / CONFIG_NAME).is_file():
         load_routers(model, path)  # a directory written by `skipgpt export` carries its routers
     return model, _load_tokenizer_from(name_or_path, path, kwargs, model.config)

@@ -179,6 +179,29 @@ def test_cli_ppl_curve_needs_no_model(workspace, tmp_path, monkeypatch):
     assert len(json.loads((tmp_path / "curve.json").read_text())["points"]) == 4
 
 
+def test_cli_learning_curve_plots_ppl_against_tokens_trained(tmp_path, monkeypatch):
+    forbid_model_loading(monkeypatch, lambda *a, **k: pytest.fail("learning-curve loaded a model"))
+    files = []
+    for name, tokens, ppl, ratio in (("short", 1000, 60.0, 0.24), ("long", 4000, 40.0, 0.25)):
+        routers = tmp_path / name
+        routers.mkdir()
+        (routers / "results.json").write_text(json.dumps({"tokens_trained": tokens, "wall_s": tokens / 100}))
+        (routers / "router_config.json").write_text(json.dumps({"format": "skipgpt-routers", "version": 2, "router": {}}))
+        ev = tmp_path / f"{name}.json"
+        ev.write_text(json.dumps({"model": "m", "routers": str(routers), "results": {
+            "wikitext2": {"ppl": ppl, "windows": 4, "seq_len": 64, "sparsity": {"param_ratio": ratio}}}}))
+        files.append(f"recipe={ev}")
+    dense = tmp_path / "dense.json"
+    dense.write_text(json.dumps({"model": "m", "routers": None, "results": {"wikitext2": {"ppl": 20.0, "windows": 4, "seq_len": 64}}}))
+    assert main(["analyze", "learning-curve", "--results", ",".join([*files, str(dense)]), "--out", str(tmp_path / "fig")]) == 0
+    assert (tmp_path / "fig" / "analysis_learning_curve.png").read_bytes()[:8] == PNG_MAGIC
+    result = json.loads((tmp_path / "fig" / "analysis_learning_curve.json").read_text())
+    curve = [(p["tokens"], p["ppl"]) for p in result["points"] if p["series"] == "recipe"]
+    assert curve == [(1000, 60.0), (4000, 40.0)]
+    assert [p["ppl"] for p in result["points"] if p["series"] == "dense"] == [20.0]
+    assert "first 4 windows of 64 tokens" in result["context"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["routing"], "needs --routers"),
     (["sparsity-split"], "needs --routers"),

@@ -8,6 +8,7 @@ options and call the stage modules (routing, training, inference, evaluation, ba
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from typing import Sequence
 
@@ -26,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["skipgpt", *argv])  # recorded with results: how they were made
     try:
         args.handler(args)
     except SkipGPTError as err:

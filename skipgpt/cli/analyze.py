@@ -18,7 +18,7 @@ from .common import (
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("analyze", help="the paper's routing analyses as figures (PNG) with the JSON behind them")
-    p.add_argument("kind", choices=ANALYSES, help="cosine (fig. 2), routing, sparsity-split (fig. 5), context-shift (fig. 6), ppl-curve (fig. 7)")
+    p.add_argument("kind", choices=ANALYSES, help="cosine (fig. 2), routing, sparsity-split (fig. 5), context-shift (fig. 6), ppl-curve (fig. 7), learning-curve (PPL against training tokens)")
     model_args(p)
     data_dir_arg(p)
     p.add_argument("--routers", help="router directory; sparsity-split: comma-separated directories (cosine uses none)")
@@ -31,8 +31,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default: 48 for cosine/routing, 1024 otherwise)")
     p.add_argument("--num-seqs", type=int, default=4, help="sparsity-split, context-shift: consecutive sequences of the text (default: %(default)s)")
     p.add_argument("--window", type=int, default=100, help="context-shift: sliding window in tokens (default: %(default)s)")
-    p.add_argument("--results", help="ppl-curve: comma-separated result JSON files, each optionally LABEL=FILE")
-    p.add_argument("--dataset", default="wikitext2", help="ppl-curve: which data set's perplexity (default: %(default)s)")
+    p.add_argument("--results", help="ppl-curve, learning-curve: comma-separated result JSON files, each optionally LABEL=FILE")
+    p.add_argument("--dataset", default="wikitext2", help="ppl-curve, learning-curve: which data set's perplexity (default: %(default)s)")
     p.add_argument("--methods", help="ppl-curve: draw only these methods, comma-separated (dense is always kept)")
     p.add_argument("--out", required=True, help="directory for the figure (and the JSON unless --json)")
     p.add_argument("--name", help="file name stem (default: analysis_KIND)")
@@ -40,7 +40,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_analyze)
 
 
-ANALYSES = ("cosine", "routing", "sparsity-split", "context-shift", "ppl-curve")
+ANALYSES = ("cosine", "routing", "sparsity-split", "context-shift", "ppl-curve", "learning-curve")
 
 
 def _analysis_text(args: argparse.Namespace) -> tuple[str, str]:
@@ -64,11 +64,13 @@ def cmd_analyze(args: argparse.Namespace) -> dict[str, Any]:
     out_dir = Path(args.out)
     stem = args.name or f"analysis_{args.kind.replace('-', '_')}"
     png, json_path = out_dir / f"{stem}.png", Path(args.json) if args.json else out_dir / f"{stem}.json"
-    if args.kind == "ppl-curve":
+    if args.kind in ("ppl-curve", "learning-curve"):
         if not args.results:
-            raise SkipGPTError("ppl-curve needs --results FILE[,FILE...] (JSON from 'skipgpt eval --json' or rows)")
-        result = {**figures.ppl_curve([s for s in args.results.split(",") if s], args.dataset,
-                                      [m for m in (args.methods or "").split(",") if m] or None), "model": args.model}
+            raise SkipGPTError(f"{args.kind} needs --results FILE[,FILE...] (JSON from 'skipgpt eval --json' or rows)")
+        specs = [s for s in args.results.split(",") if s]
+        result = (figures.ppl_curve(specs, args.dataset, [m for m in (args.methods or "").split(",") if m] or None)
+                  if args.kind == "ppl-curve" else figures.learning_curve(specs, args.dataset))
+        result["model"] = args.model
     else:
         router_dirs = [d for d in (args.routers or "").split(",") if d]
         figures.check_router_sets(args.kind, router_dirs, carries_routers=(Path(args.model) / "router_config.json").is_file())

@@ -11,7 +11,7 @@ import torch
 
 from ..baselines.compare import CompareConfig, split_training_text
 from ..config import RouterConfig, TuneConfig, check_target
-from ..data import load_source, training_sequences
+from ..data import load_source, tokenize, training_sequences
 from ..errors import SkipGPTError
 from ..evaluation.report import pct, table
 from ..models import load_model
@@ -21,7 +21,16 @@ from ..routing.surgery import attach_routers
 from ..training.calibrate import recalibrate
 from ..training.finetune import FinetuneConfig, finetune
 from ..training.tune import tune_routers
-from .common import DTYPES, check_output, data_dir_arg, default_train_data, model_args, tune_args, tune_config, writing
+from .common import (
+    DTYPES,
+    check_output,
+    data_dir_arg,
+    default_train_data,
+    model_args,
+    tune_args,
+    tune_config,
+    writing,
+)
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -69,7 +78,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--routers", required=True, help="router directory from 'skipgpt tune'")
     p.add_argument("--target", type=float, required=True, help="ratio argmax routing should deliver, in [0, 1)")
     p.add_argument("--target-unit", choices=["params", "modules"], default=TuneConfig.target_unit)
-    p.add_argument("--data", default=None, help="calibration text, as tune's --data (its held-out tail is used)")
+    p.add_argument("--data", default=None, help="calibration text, as tune's --data (default: the training text)")
+    p.add_argument("--split", default="train",
+                   help="train: the held-out tail of the training text, as tune calibrates; valid: the start of a named "
+                        "set's validation split (in-domain calibration, e.g. --data wikitext2 --split valid)")
     p.add_argument("--out", required=True, help="new router directory (the input one is left as it is)")
     p.set_defaults(handler=cmd_calibrate)
 
@@ -88,7 +100,7 @@ def run_tune(args: argparse.Namespace, data: str) -> dict[str, Any]:
               f"{'' if calib_ids is None else f', {calib_ids.numel()} held-out tokens for calibration'}", file=sys.stderr)
         return tune_routers(
             model, train_ids, tune_cfg, out, router_config=router_cfg, calib_ids=calib_ids, resume=args.resume,
-            meta={"model": args.model, "data": source.description},
+            meta={"model": args.model, "data": source.description, "command": args.command_line},
         )
 
 
@@ -146,14 +158,20 @@ def cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     if (out / CONFIG_NAME).exists():
         raise SkipGPTError(f"{out} already holds routers; pick another --out")
-    source = load_source(args.data or default_train_data(args), "train", args.data_dir)
+    source = load_source(args.data or default_train_data(args), args.split, args.data_dir)
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
     load_routers(model, args.routers)
     cfg = TuneConfig()
-    _, calib_ids = training_sequences(tokenizer, source.documents, cfg.seq_len, cfg.calib_sequences, cfg.calib_seq_len)
+    if args.split == "train":
+        _, calib_ids = training_sequences(tokenizer, source.documents, cfg.seq_len, cfg.calib_sequences, cfg.calib_seq_len)
+    else:  # text never trained on: its first windows
+        ids = tokenize(tokenizer, source.text())
+        enough = ids.numel() >= cfg.calib_sequences * cfg.calib_seq_len
+        calib_ids = ids[: cfg.calib_sequences * cfg.calib_seq_len].view(cfg.calib_sequences, -1) if enough else None
     if calib_ids is None:
         raise SkipGPTError(f"{source.description} is too short to hold out {cfg.calib_sequences} x {cfg.calib_seq_len} calibration tokens")
-    result = recalibrate(model, args.routers, calib_ids, args.target, args.target_unit, out)
+    result = recalibrate(model, args.routers, calib_ids, args.target, args.target_unit, out,
+                         note=f"{calib_ids.numel()} tokens of {source.description} ({args.split} split)")
     print(table(["field", "value"], [("routers", str(out)), ("ratio before", pct(result["ratio_before"])),
                                      ("ratio after", pct(result["ratio_after"])), ("threshold", f"{result['threshold']:.4g}")]))
     return result

@@ -27,6 +27,7 @@ import torch
 from ..data import tokenize
 from ..errors import SkipGPTError
 from ..routing.save_load import CONFIG_NAME, read_router_config
+from ..routing.save_load import router_dir as resolve_router_dir
 from ..routing.surgery import attach_routers, detach_routers, gate_mode, has_routers, measure_sparsity, routing_state
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -198,7 +199,7 @@ def _find_target(config: dict[str, Any], results: dict[str, Any]) -> tuple[float
 def router_set_info(router_dir: str | Path) -> dict[str, Any]:
     """What a router directory is: method, target sparsity (from ``router_config.json`` or
     ``results.json``, following a stage-2 directory to the routers it started from), adapter."""
-    path = Path(router_dir)
+    path = resolve_router_dir(router_dir)
     config = read_router_config(path)
     results_path = path / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
@@ -285,7 +286,7 @@ def _method_of_eval(data: dict[str, Any], path: Path) -> str:
     routers = data.get("routers")
     if not routers:
         return "dense + LoRA" if data.get("adapter") else "dense"
-    for candidate in (Path(routers), path.parent):
+    for candidate in (resolve_router_dir(routers), path.parent):
         if (candidate / CONFIG_NAME).is_file():
             with contextlib.suppress(SkipGPTError):
                 method = router_set_info(candidate)["method"]
@@ -367,3 +368,30 @@ def ppl_points(specs: Sequence[str], dataset: str = "wikitext2", methods: Sequen
         "ratio": "share of routable parameters skipped (param_ratio)",
         "points": sorted(points, key=lambda p: (p["method"], p["ratio"])),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning curve: perplexity against the tokens the routers were trained on
+
+
+def learning_points(specs: Sequence[str], dataset: str = "wikitext2") -> dict[str, Any]:
+    """Points (series, tokens trained, perplexity, ratio) from ``skipgpt eval --json`` files of
+    routed models; the tokens and wall time come from each router set's ``results.json``.
+    ``LABEL=PATH`` puts a point in series LABEL (default: its method); dense evaluations give
+    the reference line."""
+    curve = ppl_points(specs, dataset)
+    points = []
+    for point in curve["points"]:
+        if not point.get("routers"):
+            points.append({**point, "series": "dense", "tokens": None, "wall_s": None})
+            continue
+        results_path = resolve_router_dir(point["routers"]) / "results.json"
+        try:
+            results = json.loads(results_path.read_text())
+        except (OSError, ValueError) as err:
+            raise SkipGPTError(f"{point['source']}: cannot read the training record {results_path} ({err})") from None
+        points.append({**point, "series": point["method"], "tokens": int(results.get("tokens_trained", 0)),
+                       "wall_s": results.get("wall_s")})
+    if not any(p["tokens"] for p in points):
+        raise SkipGPTError("a learning curve needs evaluations of routed models (skipgpt eval --routers ... --json)")
+    return {**curve, "kind": "learning-curve", "points": sorted(points, key=lambda p: (p["series"], p["tokens"] or 0))}

@@ -35,6 +35,16 @@ def ppl_curve(specs: Sequence[str], dataset: str, methods: Sequence[str] | None)
     return {**result, "context": context}
 
 
+def learning_curve(specs: Sequence[str], dataset: str) -> dict[str, Any]:
+    """Perplexity against training tokens from saved evaluations of routed models."""
+    result = analysis.learning_points(specs, dataset)
+    protocols = {(p.get("windows"), p.get("seq_len")) for p in result["points"]}
+    context = f"{', '.join(result['models']) or 'model not recorded'}; {dataset}"
+    if len(protocols) == 1 and None not in next(iter(protocols)):
+        context += " (first {} windows of {} tokens)".format(*next(iter(protocols)))
+    return {**result, "context": context}
+
+
 def check_router_sets(kind: str, router_dirs: Sequence[str], carries_routers: bool) -> None:
     """Fail on a wrong number of router sets before anything is loaded."""
     if (kind == "sparsity-split" or (kind != "cosine" and not carries_routers)) and not router_dirs:

@@ -186,10 +186,40 @@ def plot_ppl_curve(result: dict[str, Any], path: str | Path, context: str) -> Pa
     return _save(fig, path)
 
 
+def plot_learning_curve(result: dict[str, Any], path: str | Path, context: str) -> Path:
+    """Perplexity against the tokens the routers were trained on, one line per series, each point
+    labelled with the ratio it skips: where more tuning stops paying."""
+    fig = _figure(8.0, 5.5)
+    ax = fig.add_subplot()
+    series: dict[str, list[dict[str, Any]]] = {}
+    for point in result["points"]:
+        series.setdefault(point["series"], []).append(point)
+    for name, points in series.items():
+        if name == "dense":
+            for p in points[:1]:
+                ax.axhline(p["ppl"], color="k", linestyle="--", linewidth=1, label=f"dense model ({p['ppl']:.1f})")
+            continue
+        points = sorted(points, key=lambda p: p["tokens"])
+        xs, ys = [p["tokens"] for p in points], [p["ppl"] for p in points]
+        line = ax.plot(xs, ys, marker="o", label=name)[0]
+        for p in points:
+            ax.annotate(f"{p['ppl']:.1f} @ {100 * p['ratio']:.1f} %", (p["tokens"], p["ppl"]), textcoords="offset points",
+                        xytext=(5, 4), fontsize=7, color=line.get_color())
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens the routers were trained on (log scale)")
+    ax.set_ylabel(f"perplexity on {result['dataset']} (log scale)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="upper right")
+    _titles(fig, "Learning curve of router tuning", context)
+    return _save(fig, path)
+
+
 PLOTS = {
     "cosine": plot_cosine,
     "routing": plot_routing,
     "sparsity-split": plot_sparsity_split,
     "context-shift": plot_context_shift,
     "ppl-curve": plot_ppl_curve,
+    "learning-curve": plot_learning_curve,
 }

@@ -1,11 +1,17 @@
 """Router sets on disk, PEFT-style: ``router_config.json`` (architecture, threshold, the recipe
 that trained them) and ``routers.safetensors`` (router and replacement weights only), loaded back
-onto any copy of the base model they were trained on."""
+onto any copy of the base model they were trained on.
+
+A router set is named by its directory, or by a builtin name (:data:`BUILTIN_ROUTERS`): sets
+shipped inside the package for a builtin model, so that a new user evaluates and generates with a
+tuned routed model at once, offline.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +29,27 @@ CONFIG_NAME = "router_config.json"
 # Version 2 added replacements; a version-1 set was trained without them, whatever today's default.
 FORMAT_VERSION = 2
 WEIGHTS_NAME = "routers.safetensors"
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+
+
+@dataclass(frozen=True)
+class BuiltinRouters:
+    base_model: str  # the builtin model name (skipgpt.models.BUILTIN_MODELS) they were tuned on
+    description: str
+
+
+BUILTIN_ROUTERS: dict[str, BuiltinRouters] = {
+    "smollm2-135m-rt25": BuiltinRouters("smollm2-135m", "SmolLM2-135M-Instruct, 25 % of the routable parameters skipped"),
+    "smollm2-135m-rt40": BuiltinRouters("smollm2-135m", "SmolLM2-135M-Instruct, 40 % of the routable parameters skipped"),
+}
+
+
+def router_dir(name_or_path: str | os.PathLike) -> Path:
+    """The directory of a router set given by path or builtin name (a path wins if it exists)."""
+    path = Path(name_or_path)
+    if not path.exists() and str(name_or_path) in BUILTIN_ROUTERS:
+        return BUILTIN_DIR / str(name_or_path)
+    return path
 
 
 def routers_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -54,10 +81,11 @@ def save_routers(model: nn.Module, out_dir: str | os.PathLike, extra: dict[str, 
     return out
 
 
-def read_router_config(router_dir: str | os.PathLike) -> dict[str, Any]:
-    path = Path(router_dir) / CONFIG_NAME
+def read_router_config(name_or_path: str | os.PathLike) -> dict[str, Any]:
+    path = router_dir(name_or_path) / CONFIG_NAME
     if not path.is_file():
-        raise SkipGPTError(f"no {CONFIG_NAME} in {router_dir}: pass the output directory of 'skipgpt tune'")
+        raise SkipGPTError(f"no {CONFIG_NAME} in {name_or_path}: pass the output directory of 'skipgpt tune' "
+                           f"or a builtin router set ({', '.join(BUILTIN_ROUTERS)})")
     try:
         data = json.loads(path.read_text())
         if data.get("version", 1) < 2:
@@ -68,24 +96,32 @@ def read_router_config(router_dir: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def load_routers(model: nn.Module, router_dir: str | os.PathLike) -> nn.Module:
-    """Attach routers saved by :func:`save_routers` onto ``model`` (refusing a different base)."""
-    data = read_router_config(router_dir)
+def load_routers(model: nn.Module, name_or_path: str | os.PathLike) -> nn.Module:
+    """Attach routers saved by :func:`save_routers` (a directory or a builtin name) onto ``model``,
+    refusing a different base model."""
+    data = read_router_config(name_or_path)
+    directory = router_dir(name_or_path)
     config = RouterConfig.from_dict(data["router"])
+    builtin = BUILTIN_ROUTERS.get(str(name_or_path)) if directory.parent == BUILTIN_DIR else None
+    if builtin is not None and getattr(model, "skipgpt_builtin", None) != builtin.base_model:
+        raise SkipGPTError(
+            f"the builtin router set {name_or_path} was tuned on the builtin model {builtin.base_model!r} and fits "
+            f"only that model; load it with --model {builtin.base_model} (skipgpt.models.load_model({builtin.base_model!r}))"
+        )
     text_config = model.config.get_text_config()
     expected = (config.model_type, config.hidden_size, config.num_layers)
     actual = (model.config.model_type, text_config.hidden_size, len(get_adapter(model).decoder_layers(model)))
     if expected != actual:
         raise SkipGPTError(
-            f"routers in {router_dir} were trained for a {expected[0]} model with hidden size {expected[1]} "
+            f"routers in {name_or_path} were trained for a {expected[0]} model with hidden size {expected[1]} "
             f"and {expected[2]} layers (base {config.base_model!r}), but this model is a {actual[0]} with "
             f"hidden size {actual[1]} and {actual[2]} layers; load them onto the model they were trained on"
         )
-    weights = Path(router_dir) / WEIGHTS_NAME
+    weights = directory / WEIGHTS_NAME
     try:
         tensors = load_file(str(weights))
     except FileNotFoundError:
-        raise SkipGPTError(f"no {WEIGHTS_NAME} in {router_dir}") from None
+        raise SkipGPTError(f"no {WEIGHTS_NAME} in {name_or_path}") from None
     except Exception as err:  # safetensors raises its own error types for damaged files
         raise SkipGPTError(f"{weights} is corrupt ({err}); re-run 'skipgpt tune' or restore the file") from None
     attach_routers(model, config)
