@@ -63,8 +63,10 @@ class RouterConfig(JsonConfig):
     # What a skipping token gets instead of the module's output: "none" (the paper: nothing),
     # "bias" (a learned per-module vector) or "lowrank" (that vector plus a rank-
     # ``replacement_rank`` map of the hidden state). Its cost is counted against the savings.
-    replacement: Literal["none", "bias", "lowrank"] = "none"
-    replacement_rank: int = 0
+    # Rank 16 (0.7 % of an MLP's parameters on SmolLM2) cut WikiText-2 perplexity at 25 % from
+    # 74.5 to 47.4 at equal tokens; rank 64 did no better (docs/small-budget.md).
+    replacement: Literal["none", "bias", "lowrank"] = "lowrank"
+    replacement_rank: int = 16
     # Filled in by attach_routers; used to refuse loading onto a different base model.
     model_type: str = ""
     hidden_size: int = 0
@@ -84,9 +86,10 @@ class RouterConfig(JsonConfig):
             raise SkipGPTError(f"capacity (share of tokens or layers executed) must be in (0, 1], got {self.capacity}")
         if self.replacement not in ("none", "bias", "lowrank"):
             raise SkipGPTError(f"replacement must be 'none', 'bias' or 'lowrank', got {self.replacement!r}")
-        if (self.replacement == "lowrank") != (self.replacement_rank > 0) or self.replacement_rank < 0:
-            raise SkipGPTError(f"replacement 'lowrank' needs a replacement rank >= 1 and the others rank 0; got "
-                               f"{self.replacement!r} with rank {self.replacement_rank}")
+        if self.replacement != "lowrank":
+            self.replacement_rank = 0  # the rank belongs to the low-rank map alone
+        elif self.replacement_rank < 1:
+            raise SkipGPTError(f"replacement 'lowrank' needs a replacement rank >= 1, got {self.replacement_rank}")
 
 
 def check_target(target: float) -> float:

@@ -56,8 +56,10 @@ def test_routing_map_and_sparsity_split_agree():
     executed = torch.tensor(result["executed"], dtype=torch.float64)
     assert executed.shape == (32, 6) and set(executed.unique().tolist()) <= {0.0, 1.0}
     assert 0 < executed.mean() < 1, "random routers should execute some modules and skip others"
-    params = routing_state(model).module_params.double()
-    torch.testing.assert_close(torch.tensor(result["param_fraction_executed"], dtype=torch.float64), executed @ params / params.sum())
+    params, replacements = routing_state(model).module_params.double(), routing_state(model).replacement_params.double()
+    assert replacements.min() > 0  # a skipped module still costs its replacement
+    cost = executed @ params + (1 - executed) @ replacements
+    torch.testing.assert_close(torch.tensor(result["param_fraction_executed"], dtype=torch.float64), cost / params.sum())
     torch.testing.assert_close(torch.tensor(result["module_fraction_executed"], dtype=torch.float64), executed.mean(1))
     split = analysis.sparsity_split(model, ids)
     assert split["tokens"] == 32

@@ -104,6 +104,8 @@ def assert_same_run(out: Path, straight: Path) -> None:
     assert json.loads((out / "router_config.json").read_text())["router"] == json.loads((straight / "router_config.json").read_text())["router"]
     assert [without_times(line) for line in read_log(out)] == [without_times(line) for line in read_log(straight)]
     results, expected = (json.loads((d / "results.json").read_text()) for d in (out, straight))
+    assert results.pop("command").endswith(" --resume --out " + str(out))  # the command that finished the run
+    expected.pop("command")
     assert without_times(results) == without_times(expected)
     assert not (out / LOCK_NAME).exists() and checkpoint.find(out) is None
 

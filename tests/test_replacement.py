@@ -116,7 +116,7 @@ def test_parameter_ratio_counts_what_a_skip_saves_net_of_its_replacement():
     saved = state.module_params[1] - (d + 2 * d * 4)
     assert float(stats.params) == pytest.approx(float(saved / state.module_params.sum()))
     assert float(stats.module) == pytest.approx(1 / 6)
-    plain = attach_routers(tiny_model("llama"))
+    plain = attach_routers(tiny_model("llama"), RouterConfig(replacement="none"))
     set_gate_mode(plain, "fixed", gates=torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0, 1.0]))
     with torch.no_grad():
         plain(input_ids=random_ids(2, 8))
@@ -208,7 +208,7 @@ def test_replacements_round_trip_and_old_sets_load_without_them(tmp_path):
     with torch.no_grad():
         assert torch.equal(fresh(input_ids=ids).logits, expected)
     # A version-1 set (before replacements existed) keeps meaning "skip to nothing".
-    plain = attach_routers(tiny_model("llama"), RouterConfig(init_bias=0.0))
+    plain = attach_routers(tiny_model("llama"), RouterConfig(init_bias=0.0, replacement="none"))
     save_routers(plain, tmp_path / "old")
     config = json.loads((tmp_path / "old" / "router_config.json").read_text())
     config["version"] = 1
@@ -218,13 +218,13 @@ def test_replacements_round_trip_and_old_sets_load_without_them(tmp_path):
     assert routing_state(load_routers(tiny_model("llama"), tmp_path / "old")).config.replacement == "none"
 
 
-def test_lowrank_needs_a_rank():
+def test_lowrank_needs_a_rank_and_only_it_keeps_one():
     from skipgpt import SkipGPTError
 
-    with pytest.raises(SkipGPTError, match="rank"):
+    with pytest.raises(SkipGPTError, match="rank >= 1"):
         RouterConfig(replacement="lowrank", replacement_rank=0)
-    with pytest.raises(SkipGPTError, match="rank"):
-        RouterConfig(replacement="bias", replacement_rank=4)
+    assert RouterConfig(replacement="bias").replacement_rank == 0
+    assert (RouterConfig().replacement, RouterConfig().replacement_rank) == ("lowrank", 16)  # the measured default
 
 
 # ---- training what is deployed ----------------------------------------------------------------
@@ -292,3 +292,20 @@ def test_replacements_train_on_every_architecture(arch, tmp_path):
     tune_routers(model, random_ids(16, 16), TuneConfig(target=0.3, steps=2, batch_size=2, seq_len=16, save_every=100,
                                                        noise_end=0.0, hidden_distill=0.5), tmp_path, progress=False)
     assert (tmp_path / "routers.safetensors").is_file()
+
+
+def test_gradient_checkpointing_gives_the_same_replacement_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        model = attach_routers(tiny_model("llama"), LOWRANK)
+        fit_replacements(model, random_ids(4, 16))
+        model.train().requires_grad_(False)
+        for p in router_parameters(model):
+            p.requires_grad_(True)
+        routing_state(model).checkpointing = checkpointing
+        set_gate_mode(model, "gumbel", tau=2.0)
+        torch.manual_seed(0)
+        model(input_ids=random_ids(2, 16), use_cache=False).logits.sum().backward()  # as training runs
+        grads.append({n: p.grad for n, p in model.named_parameters() if ".replacement." in n})
+    assert all(g is not None and g.abs().sum() > 0 for g in grads[0].values())
+    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])

@@ -75,7 +75,7 @@ def test_saved_files_describe_the_routers(tmp_path, kind):
     assert config["training"] == {"steps": 7}
     assert config["router"] | {"base_model": ""} == {
         "router": kind, "input_norm": True, "init": "execute", "init_bias": 0.0, "threshold": 0.25, "kv_policy": "keep",
-        "routing": "skipgpt", "capacity": 1.0, "replacement": "none", "replacement_rank": 0,
+        "routing": "skipgpt", "capacity": 1.0, "replacement": "lowrank", "replacement_rank": 16,
         "model_type": "llama", "hidden_size": 32, "num_layers": 3, "base_model": "",
     }
     tensors = load_file(str(tmp_path / "routers.safetensors"))
@@ -86,8 +86,10 @@ def test_saved_files_describe_the_routers(tmp_path, kind):
 def test_saved_routers_do_not_contain_base_weights(saved):
     tensors = load_file(str(saved / "routers.safetensors"))
     assert all(".attn." in k or ".mlp." in k for k in tensors)
-    assert all(t.shape[-1] in (32, 2) or t.dim() == 1 for t in tensors.values())
-    assert (saved / "routers.safetensors").stat().st_size < 4096
+    assert all(t.shape[-1] in (32, 2, 16) or t.dim() == 1 for t in tensors.values())
+    # Router nets and the rank-16 replacements: (66 + 32 + 2 * 32 * 16) floats for each of 6 modules.
+    assert sum(t.numel() for t in tensors.values()) == 6 * (66 + 32 + 2 * 32 * 16)
+    assert (saved / "routers.safetensors").stat().st_size < 6 * (66 + 32 + 2 * 32 * 16) * 4 + 4096
 
 
 WRONG_BASE = {

@@ -83,21 +83,24 @@ def hand_pattern() -> torch.Tensor:
     return gates
 
 
-def test_fixed_pattern_with_padding_matches_hand_count(arch):
+@pytest.mark.parametrize("replacement", ["none", "lowrank"])
+def test_fixed_pattern_with_padding_matches_hand_count(arch, replacement):
     model = tiny_model(arch)
-    attach_routers(model)
+    attach_routers(model, RouterConfig(replacement=replacement))
     set_gate_mode(model, "fixed", gates=hand_pattern())
     ids = random_ids(2, 4)
     with torch.no_grad():
         model(input_ids=ids, attention_mask=MASK)
     stats = routing_state(model).last_stats()
-    attn_w, mlp_w = routing_state(model).module_params[:2].tolist()
+    attn_p, mlp_p = routing_state(model).module_params[:2].tolist()
+    attn_r, mlp_r = routing_state(model).replacement_params[:2].tolist()  # what a skip still runs
     # Skipped (token, module) pairs: 2 tokens x 3 attentions + 4 tokens x 1 MLP, out of 6 x 6.
     assert stats.tokens == 6
     assert float(stats.module) == pytest.approx(float(Fraction(10, 36)))
     assert float(stats.attn) == pytest.approx(float(Fraction(6, 18)))
     assert float(stats.mlp) == pytest.approx(float(Fraction(4, 18)))
-    assert float(stats.params) == pytest.approx((6 * attn_w + 4 * mlp_w) / (6 * 3 * (attn_w + mlp_w)))
+    assert float(stats.params) == pytest.approx((6 * (attn_p - attn_r) + 4 * (mlp_p - mlp_r)) / (6 * 3 * (attn_p + mlp_p)))
+    assert (attn_r, mlp_r) == ((0.0, 0.0) if replacement == "none" else (32 + 2 * 32 * 16,) * 2)
 
 
 def test_without_a_mask_every_position_counts():

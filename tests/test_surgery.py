@@ -102,12 +102,16 @@ def test_attach_detach_leave_base_model_untouched(arch):
     assert torch.equal(logits(model), reference)
 
 
-def test_router_parameters_are_two_routers_per_layer(arch):
+@pytest.mark.parametrize("replacement, tensors, per_module", [
+    ("none", 2, 32 * 2 + 2),  # weight and bias of each linear router
+    ("lowrank", 5, 32 * 2 + 2 + 32 + 2 * 32 * 16),  # + the replacement's vector and rank-16 map (the default)
+])
+def test_router_parameters_are_two_routers_per_layer(arch, replacement, tensors, per_module):
     model = tiny_model(arch)
-    attach_routers(model)
+    attach_routers(model, RouterConfig(replacement=replacement))
     params = router_parameters(model)
-    assert len(params) == 2 * n_modules(model)  # weight and bias of each linear router
-    assert sum(p.numel() for p in params) == n_modules(model) * (32 * 2 + 2)
+    assert len(params) == tensors * n_modules(model)
+    assert sum(p.numel() for p in params) == n_modules(model) * per_module
     assert routing_state(model).num_modules == n_modules(model)
 
 
@@ -145,7 +149,7 @@ def test_gumbel_gates_are_hard_in_forward(arch):
 def test_gumbel_gradients_reach_every_router(arch, objective):
     """Straight-through: hard 0/1 gates forward, the soft sample's gradient backward."""
     model = tiny_model(arch)
-    attach_routers(model, RouterConfig(init_bias=0.0))
+    attach_routers(model, RouterConfig(init_bias=0.0, replacement="none"))  # replacements: test_replacement.py
     model.requires_grad_(False)
     for p in router_parameters(model):
         p.requires_grad_(True)
@@ -199,7 +203,7 @@ def test_gate_mode_context_restores_previous_mode():
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 def test_router_options(kind, input_norm):
     model = tiny_model("llama")
-    attach_routers(model, RouterConfig(router=kind, input_norm=input_norm, init_bias=2.0))
+    attach_routers(model, RouterConfig(router=kind, input_norm=input_norm, init_bias=2.0, replacement="none"))
     router = model.model.layers[0].skip_routers["mlp"]
     shapes = [tuple(p.shape) for p in router.parameters()]
     assert shapes == ([(2, 32), (2,)] if kind == "linear" else [(8, 32), (8,), (2, 8), (2,)])

@@ -60,7 +60,7 @@ def tune_args(p: argparse.ArgumentParser, steps: int) -> None:
                    help="weight of the hidden-state distillation term (relative error of every layer's residual stream; --loss kl)")
     p.add_argument("--replacement", choices=["none", "bias", "lowrank"], default=RouterConfig.replacement,
                    help="what a skipped module leaves: nothing (paper), a learned vector, or a low-rank map of the hidden state")
-    p.add_argument("--replacement-rank", type=int, default=RouterConfig.replacement_rank or 32,
+    p.add_argument("--replacement-rank", type=int, default=RouterConfig.replacement_rank,
                    help="rank of --replacement lowrank (default: %(default)s)")
     p.add_argument("--fit-sequences", type=int, default=d.fit_sequences,
                    help="training sequences the replacements are fitted on before tuning")

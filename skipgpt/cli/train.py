@@ -171,7 +171,8 @@ def cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     if calib_ids is None:
         raise SkipGPTError(f"{source.description} is too short to hold out {cfg.calib_sequences} x {cfg.calib_seq_len} calibration tokens")
     result = recalibrate(model, args.routers, calib_ids, args.target, args.target_unit, out,
-                         note=f"{calib_ids.numel()} tokens of {source.description} ({args.split} split)")
+                         note=f"{calib_ids.numel()} tokens of {source.description} ({args.split} split)",
+                         command=args.command_line)
     print(table(["field", "value"], [("routers", str(out)), ("ratio before", pct(result["ratio_before"])),
                                      ("ratio after", pct(result["ratio_after"])), ("threshold", f"{result['threshold']:.4g}")]))
     return result

@@ -41,7 +41,9 @@ class Replacement(nn.Module):
         self.rank = rank
         self.bias = nn.Parameter(torch.zeros(hidden_size))
         if rank:
-            self.down = nn.Parameter(torch.zeros(rank, hidden_size))
+            # LoRA's start: the output is zero (a skip leaves nothing, as in the paper) and yet the
+            # gradient reaches ``up``; fitting replaces both before tuning.
+            self.down = nn.Parameter(torch.randn(rank, hidden_size) / hidden_size**0.5)
             self.up = nn.Parameter(torch.zeros(hidden_size, rank))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

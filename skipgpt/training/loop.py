@@ -12,7 +12,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -56,6 +56,9 @@ class LoopSpec:
     # perf_counter() time after which no step may start that would end past it (--budget-minutes):
     # the loop then saves a checkpoint and returns early, so --resume can finish the schedule.
     stop_at: float | None = None
+    # What the stage settled before training (a replacement fit, an importance seed): kept in every
+    # checkpoint, so that a resumed run reports it as the uninterrupted one would.
+    record: dict[str, Any] = field(default_factory=dict)
 
 
 StepLoss = Callable[[torch.nn.Module, torch.Tensor, int], tuple[torch.Tensor, dict[str, float]]]
@@ -131,7 +134,7 @@ def run_loop(
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             state = {"step": step, "elapsed_s": elapsed, "world_size": world, "fingerprint": spec.fingerprint,
-                     "metrics": metrics}
+                     "metrics": metrics, "record": spec.record}
             checkpoint.write_main_state(out_dir, weights(), optimizer, scheduler, state)
             checkpoint.commit(out_dir)
         accelerator.wait_for_everyone()

@@ -121,12 +121,17 @@ def tune_routers(
     torch.manual_seed(cfg.seed + accelerator.process_index)  # Gumbel noise differs per process
     if not has_routers(model):
         attach_routers(model, router_config)
-    seeded: dict[str, Any] | None = None
-    fitted: dict[str, Any] | None = None
-    if checkpoint.find(out) is None:  # a resumed run restores everything below from its checkpoint
+    # What the run settles before training; a resumed run restores the weights from its checkpoint
+    # and this record from the checkpoint's trainer state.
+    saved = checkpoint.find(out) if resume else None
+    if saved is not None:
+        record = checkpoint.load_trainer_state(saved).get("record", {})
+    else:
+        record = {"importance_seed": None, "replacement_fit": None}
         if routing_state(model).config.init == "importance":
-            seeded = seed_routers_from_importance(model, calib_ids if calib_ids is not None else train_ids[:4], cfg.target, cfg.target_unit)
-        fitted = fit_replacements(model, train_ids[: cfg.fit_sequences]) or None
+            record["importance_seed"] = seed_routers_from_importance(
+                model, calib_ids if calib_ids is not None else train_ids[:4], cfg.target, cfg.target_unit)
+        record["replacement_fit"] = fit_replacements(model, train_ids[: cfg.fit_sequences]) or None
     model.requires_grad_(False)
     params = router_parameters(model)
     for p in params:
@@ -151,7 +156,7 @@ def tune_routers(
     start = time.perf_counter()
     last = run_loop(
         accelerator, ddp_model, optimizer, scheduler, train_ids,
-        LoopSpec(cfg.steps, cfg.batch_size, cfg.grad_accum, cfg.seed, cfg.save_every, fingerprint, cfg.bf16, stop_at),
+        LoopSpec(cfg.steps, cfg.batch_size, cfg.grad_accum, cfg.seed, cfg.save_every, fingerprint, cfg.bf16, stop_at, record),
         step_loss, out, resume=resume,
         weights=lambda: routers_state_dict(model),
         load_weights=lambda w: load_routers_state_dict(model, w),
@@ -179,8 +184,7 @@ def tune_routers(
         "router": state.config.to_dict(),
         **run_summary(accelerator, last, start),
         "calibration": calibration,
-        "importance_seed": seeded,
-        "replacement_fit": fitted,
+        **record,
         "budget": budget,
         **(meta or {}),
     }
