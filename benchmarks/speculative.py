@@ -36,12 +36,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from speed import DTYPES, SHAPES, build_model, synthetic_routers
+from speed import DTYPES, SHAPES, build_model, synthetic_routers, write_report
 
 from skipgpt import RouterConfig, attach_routers, detach_routers, has_routers, load_routers, measure_sparsity, speculative_decode
 from skipgpt.data import DATA_DIR_ENV, data_dir
-from skipgpt.evaluation.report import table
-from skipgpt.files import write_json
 from skipgpt.inference.generate import _encode
 from skipgpt.inference.speculative import parse_draft_tokens
 from skipgpt.routing.save_load import load_routers_state_dict, routers_state_dict
@@ -279,13 +277,7 @@ def main() -> None:
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     title = (f"Self-speculative decoding: {args.shape or args.model}, {args.dtype}, {where}, batch 1, greedy, "
              f"{args.new_tokens} new tokens, {args.prompts} prompts per set")
-    text = f"{title}\n\n{table(headers, lines)}\n"
-    print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "speculative.md").write_text(text)
-    write_json(out / "speculative.json", {"title": title, "args": {k: v for k, v in vars(args).items()},
-                                          "torch": torch.__version__, "rows": rows})
+    write_report(Path(args.out) / "speculative", title, headers, lines, args, rows)
 
 
 if __name__ == "__main__":

@@ -271,13 +271,17 @@ def main() -> None:
               "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}")
              for r in rows]
     title = f"{args.shape or args.model}, {args.dtype}, {device_name}, {args.new_tokens} new tokens, median of {args.reps}"
+    write_report(Path(args.out) / "speed", title, headers, lines, args, rows)
+
+
+def write_report(stem: Path, title: str, headers: list[str], lines: list[tuple], args: argparse.Namespace,
+                 rows: list[dict[str, Any]]) -> None:
+    """Print the table and write it as STEM.md, with STEM.json holding the rows and the run's options."""
     text = f"{title}\n\n{table(headers, lines)}\n"
     print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "speed.md").write_text(text)
-    write_json(out / "speed.json", {"title": title, "args": {k: v for k, v in vars(args).items()},
-                                    "torch": torch.__version__, "rows": rows})
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".md").write_text(text)
+    write_json(stem.with_suffix(".json"), {"title": title, "args": dict(vars(args)), "torch": torch.__version__, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -149,3 +149,46 @@ def forbid_model_loading(monkeypatch, refuse) -> None:
     for module in (common, *skipgpt.cli.GROUPS):
         if hasattr(module, "load_model"):
             monkeypatch.setattr(module, "load_model", refuse)
+
+
+def left_padded(batch: int = 3, length: int = 24, seed: int = 1, pad: int = 5):
+    """Token ids [batch, length] and a mask whose rows after the first are left-padded by pad, 2·pad, ... tokens."""
+    ids = torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    for row in range(1, batch):
+        mask[row, : pad * row] = 0
+    return ids, mask
+
+
+def logits_both_ways(model, ids, mask):
+    """Logits of the skipping engine and of the masked computation it must equal."""
+    from skipgpt import routing_state
+
+    state = routing_state(model)
+    out = {}
+    for skip in (True, False):
+        state.skip_compute = skip
+        with torch.no_grad():
+            out[skip] = model(input_ids=ids, attention_mask=mask).logits
+    state.skip_compute = True
+    return out[True], out[False]
+
+
+class Interrupt(KeyboardInterrupt):
+    """A Ctrl-C that tests raise themselves."""
+
+
+def interrupt_tune_after(monkeypatch, calls: int) -> None:
+    """Make the (calls+1)-th micro-batch loss of router tuning raise :class:`Interrupt`, as a Ctrl-C
+    in the middle of a run would (checkpoints written so far are kept)."""
+    import skipgpt.training.tune
+
+    real, count = skipgpt.training.tune.routed_loss, [0]
+
+    def flaky(*args, **kwargs):
+        count[0] += 1
+        if count[0] > calls:
+            raise Interrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(skipgpt.training.tune, "routed_loss", flaky)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ARCHS, tiny_model
+from conftest import ARCHS, left_padded, logits_both_ways, tiny_model
 
 from skipgpt import RouterConfig, attach_routers, routing_state
 from skipgpt.routing.surgery import gate_mode
@@ -18,25 +18,6 @@ def routed(arch: str, attn: str = "eager", threshold: float = 0.0):
         if p.dim() == 2 and p.shape[0] == 2:
             torch.nn.init.normal_(p, std=1.0)
     return model
-
-
-def left_padded(batch: int = 3, length: int = 24, seed: int = 1):
-    ids = torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
-    mask = torch.ones_like(ids)
-    for row in range(1, batch):
-        mask[row, : 5 * row] = 0  # left padding of 5 and 10 tokens
-    return ids, mask
-
-
-def logits_both_ways(model, ids, mask):
-    state = routing_state(model)
-    out = {}
-    for skip in (True, False):
-        state.skip_compute = skip
-        with torch.no_grad():
-            out[skip] = model(input_ids=ids, attention_mask=mask).logits
-    state.skip_compute = True
-    return out[True], out[False]
 
 
 @pytest.mark.parametrize("padded", [True, False])

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, assert_same_tensors, forbid_model_loading, save_tiny_model_dir, write_word_text
+from conftest import REPO, assert_same_tensors, forbid_model_loading, interrupt_tune_after, save_tiny_model_dir, write_word_text
 from safetensors.torch import load_file
 
 import skipgpt.inference.export
@@ -248,15 +248,7 @@ def test_a_pickle_under_the_new_names_is_refused_as_damaged(tmp_path):
 
 def interrupted(workspace: Path, out: Path, monkeypatch, calls: int, *extra: str) -> None:
     """A run that dies (Ctrl-C) inside the (calls+1)-th micro-batch, its checkpoints kept."""
-    real, count = skipgpt.training.tune.routed_loss, [0]
-
-    def dying(*args, **kwargs):
-        count[0] += 1
-        if count[0] > calls:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(skipgpt.training.tune, "routed_loss", dying)
+    interrupt_tune_after(monkeypatch, calls)
     with pytest.raises(KeyboardInterrupt):
         main(tune_argv(workspace, out, *extra))
     monkeypatch.undo()

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ARCHS, random_ids, tiny_model
+from conftest import ARCHS, left_padded, logits_both_ways, random_ids, tiny_model
 
 from skipgpt import RouterConfig, TuneConfig, attach_routers, load_routers, routing_state, save_routers, set_gate_mode
 from skipgpt.inference.cost import FlopCount, ModelShape, replacement_flops
@@ -34,14 +34,6 @@ def replaced(arch: str, attn: str = "eager", config: RouterConfig = LOWRANK) -> 
     return model
 
 
-def left_padded(batch: int = 3, length: int = 24):
-    ids = torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(ids)
-    for row in range(1, batch):
-        mask[row, : 5 * row] = 0
-    return ids, mask
-
-
 # ---- the engine runs the replacement, never the skipped module ---------------------------------
 
 
@@ -52,21 +44,16 @@ def test_skipping_with_replacements_equals_the_masked_computation(arch, attn, po
     config = RouterConfig(replacement=kind, replacement_rank=4 if kind == "lowrank" else 0, kv_policy=policy)
     model = replaced(arch, attn, config)
     ids, mask = left_padded()
-    state = routing_state(model)
-    logits = {}
-    for skip in (True, False):
-        state.skip_compute = skip
-        with torch.no_grad():
-            logits[skip] = model(input_ids=ids, attention_mask=mask).logits
+    skipped, masked = logits_both_ways(model, ids, mask)
     real = mask.bool()
-    assert torch.allclose(logits[True][real], logits[False][real], atol=1e-5, rtol=1e-4)
-    assert 0.2 < float(state.stacked_gates()[:, real].mean()) < 0.8
+    assert torch.allclose(skipped[real], masked[real], atol=1e-5, rtol=1e-4)
+    assert 0.2 < float(routing_state(model).stacked_gates()[:, real].mean()) < 0.8
     # ... and the replacement matters: without it the same routing gives other logits.
     for layer in model.model.layers:
         for router in layer.skip_routers.values():
             router.replacement = None
     with torch.no_grad():
-        assert not torch.allclose(model(input_ids=ids, attention_mask=mask).logits[real], logits[False][real], atol=1e-3)
+        assert not torch.allclose(model(input_ids=ids, attention_mask=mask).logits[real], masked[real], atol=1e-3)
 
 
 def test_a_skipping_token_runs_only_the_replacement():

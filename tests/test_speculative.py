@@ -9,6 +9,7 @@ from collections import Counter
 import pytest
 import torch
 from conftest import ARCHS, save_tiny_model_dir, tiny_model
+from conftest import left_padded as padded_batch
 from transformers import DynamicCache
 
 import skipgpt.inference.speculative
@@ -34,11 +35,7 @@ def routed(arch: str = "llama", attn: str = "eager", policy: str = "keep", thres
 
 
 def left_padded(batch: int = 3, length: int = 12, seed: int = 1):
-    ids = torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
-    mask = torch.ones_like(ids)
-    for row in range(1, batch):
-        mask[row, : 4 * row] = 0
-    return ids, mask
+    return padded_batch(batch, length, seed, pad=4)
 
 
 def dense_generate(model, ids, mask, new_tokens: int, **kwargs):

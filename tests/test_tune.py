@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_same_tensors, base_parameters, random_ids, router_tensors, tiny_model
+from conftest import Interrupt, assert_same_tensors, base_parameters, interrupt_tune_after, random_ids, router_tensors, tiny_model
 from safetensors.torch import load_file
 
 import skipgpt.training.tune
@@ -213,21 +213,8 @@ def test_routed_loss_is_lm_loss_plus_alpha_times_gap(loss):
 RESUME = dict(steps=12, save_every=4, calib=True)
 
 
-class Interrupt(KeyboardInterrupt):
-    pass
-
-
 def interrupt_after(monkeypatch, calls: int) -> None:
-    """Make the (calls+1)-th micro-batch loss raise, as a Ctrl-C in the middle of a run would."""
-    real, count = skipgpt.training.tune.routed_loss, [0]
-
-    def flaky(*args, **kwargs):
-        count[0] += 1
-        if count[0] > calls:
-            raise Interrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(skipgpt.training.tune, "routed_loss", flaky)
+    interrupt_tune_after(monkeypatch, calls)
 
 
 def test_interrupted_and_resumed_run_equals_straight_run(tmp_path, monkeypatch):

@@ -28,7 +28,15 @@ from ..data import tokenize
 from ..errors import SkipGPTError
 from ..routing.save_load import CONFIG_NAME, read_router_config
 from ..routing.save_load import router_dir as resolve_router_dir
-from ..routing.surgery import attach_routers, detach_routers, gate_mode, has_routers, measure_sparsity, routing_state
+from ..routing.surgery import (
+    attach_routers,
+    detach_routers,
+    gate_mode,
+    has_routers,
+    measure_sparsity,
+    observe_dense,
+    routing_state,
+)
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -92,21 +100,15 @@ def token_cosine(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """``cos(x, x + f(x))`` for every token and module, every module executing: [B, T, 2L]."""
     ids = ids[None] if ids.dim() == 1 else ids
     with temporary_routers(model):
-        state = routing_state(model)
-        rows: list[torch.Tensor] = []
+        cosines = torch.zeros(*ids.shape, routing_state(model).num_modules)
+        row = [-1]
 
         def observe(index: int, x: torch.Tensor, update: torch.Tensor) -> None:
-            rows[-1][:, index] = torch.nn.functional.cosine_similarity(x.float(), (x + update).float(), dim=-1)[0].cpu()
+            row[0] += index == 0  # module 0 opens each sequence's forward
+            cosines[row[0], :, index] = torch.nn.functional.cosine_similarity(x.float(), (x + update).float(), dim=-1)[0].cpu()
 
-        state.observers.append(observe)
-        try:
-            with gate_mode(model, "dense"):
-                for b in range(ids.shape[0]):
-                    rows.append(torch.zeros(ids.shape[1], state.num_modules))
-                    model(input_ids=ids[b : b + 1].to(_device(model)), use_cache=False)
-        finally:
-            state.observers.remove(observe)
-    return torch.stack(rows)
+        observe_dense(model, ids, observe, batch_size=1)
+    return cosines
 
 
 def cosine_analysis(model: torch.nn.Module, ids: torch.Tensor, tokens: Sequence[str] | None = None,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import types
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -156,6 +156,25 @@ def layer_outputs(model: nn.Module, enabled: bool = True) -> Iterator[list[torch
     finally:
         for hook in hooks:
             hook.remove()
+
+
+Observer = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+@torch.no_grad()
+def observe_dense(model: nn.Module, sequences: torch.Tensor, observe: Observer, batch_size: int = 1) -> None:
+    """Run ``sequences`` through the model with every module executing, calling ``observe(module
+    index, branch input, branch output)`` for each module: the one pass that importance scores,
+    replacement fits and analyses need."""
+    state = routing_state(model)
+    device = next(model.parameters()).device
+    state.observers.append(observe)
+    try:
+        with gate_mode(model, "dense"):
+            for batch in sequences.split(batch_size):
+                model(input_ids=batch.to(device), use_cache=False)
+    finally:
+        state.observers.remove(observe)
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..routing.surgery import gate_mode, routing_state
+from ..routing.surgery import observe_dense, routing_state
 
 
 @torch.no_grad()
@@ -26,14 +26,7 @@ def module_importance(model: torch.nn.Module, sequences: torch.Tensor, batch_siz
         total[index] += cos.sum().double().cpu()
         count[index] += cos.numel()
 
-    device = next(model.parameters()).device
-    state.observers.append(observe)
-    try:
-        with gate_mode(model, "dense"):
-            for batch in sequences.split(batch_size):
-                model(input_ids=batch.to(device), use_cache=False)
-    finally:
-        state.observers.remove(observe)
+    observe_dense(model, sequences, observe, batch_size)
     return 1.0 - total / count.clamp(min=1)
 
 

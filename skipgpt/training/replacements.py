@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..routing.routers import rms_normalised
-from ..routing.surgery import gate_mode, routing_state
+from ..routing.surgery import observe_dense, routing_state
 
 RIDGE = 1e-4  # relative to the mean input variance: keeps the normal equations well conditioned
 
@@ -82,14 +82,7 @@ def fit_replacements(model: torch.nn.Module, sequences: torch.Tensor, batch_size
         moments[index].add(xs.reshape(-1, hidden), ys.reshape(-1, hidden))
         power[index] += ys.double().pow(2).sum()
 
-    device = next(model.parameters()).device
-    state.observers.append(observe)
-    try:
-        with gate_mode(model, "dense"):
-            for batch in sequences.split(batch_size):
-                model(input_ids=batch.to(device), use_cache=False)
-    finally:
-        state.observers.remove(observe)
+    observe_dense(model, sequences, observe, batch_size)
     for router, m in zip(routers, moments):
         r = router.replacement
         if rank:
@@ -107,13 +100,7 @@ def fit_replacements(model: torch.nn.Module, sequences: torch.Tensor, batch_size
         error = (update.float() - routers[index].replacement(x).float())
         residual[index] += (error if real is None else error[real]).double().pow(2).sum()
 
-    state.observers.append(score)
-    try:
-        with gate_mode(model, "dense"):
-            for batch in sequences.split(batch_size):
-                model(input_ids=batch.to(device), use_cache=False)
-    finally:
-        state.observers.remove(score)
+    observe_dense(model, sequences, score, batch_size)
     explained = 1.0 - residual / power.clamp(min=1e-12)
     return {
         "fit_tokens": moments[0].n,
