@@ -193,6 +193,15 @@ def test_cli_learning_curve_plots_ppl_against_tokens_trained(tmp_path, monkeypat
         ev.write_text(json.dumps({"model": "m", "routers": str(routers), "results": {
             "wikitext2": {"ppl": ppl, "windows": 4, "seq_len": 64, "sparsity": {"param_ratio": ratio}}}}))
         files.append(f"recipe={ev}")
+    # a set re-calibrated by `skipgpt calibrate` has no training record of its own: its source's counts
+    recalibrated = tmp_path / "long_recalibrated"
+    recalibrated.mkdir()
+    (recalibrated / "router_config.json").write_text(json.dumps({
+        "format": "skipgpt-routers", "version": 2, "router": {}, "recalibrated_from": str(tmp_path / "long")}))
+    ev = tmp_path / "recalibrated.json"
+    ev.write_text(json.dumps({"model": "m", "routers": str(recalibrated), "results": {
+        "wikitext2": {"ppl": 42.0, "windows": 4, "seq_len": 64, "sparsity": {"param_ratio": 0.26}}}}))
+    files.append(f"recalibrated={ev}")
     dense = tmp_path / "dense.json"
     dense.write_text(json.dumps({"model": "m", "routers": None, "results": {"wikitext2": {"ppl": 20.0, "windows": 4, "seq_len": 64}}}))
     assert main(["analyze", "learning-curve", "--results", ",".join([*files, str(dense)]), "--out", str(tmp_path / "fig")]) == 0
@@ -200,6 +209,7 @@ def test_cli_learning_curve_plots_ppl_against_tokens_trained(tmp_path, monkeypat
     result = json.loads((tmp_path / "fig" / "analysis_learning_curve.json").read_text())
     curve = [(p["tokens"], p["ppl"]) for p in result["points"] if p["series"] == "recipe"]
     assert curve == [(1000, 60.0), (4000, 40.0)]
+    assert [(p["tokens"], p["ppl"]) for p in result["points"] if p["series"] == "recalibrated"] == [(4000, 42.0)]
     assert [p["ppl"] for p in result["points"] if p["series"] == "dense"] == [20.0]
     assert "first 4 windows of 64 tokens" in result["context"]
 

@@ -376,6 +376,17 @@ def ppl_points(specs: Sequence[str], dataset: str = "wikitext2", methods: Sequen
 # Learning curve: perplexity against the tokens the routers were trained on
 
 
+def _training_record(directory: Path) -> Path:
+    """``results.json`` of the run that trained a router set: ``skipgpt calibrate`` writes a new
+    directory without one and records where its routers came from."""
+    record = directory / "results.json"
+    if not record.exists() and (directory / CONFIG_NAME).exists():
+        source = json.loads((directory / CONFIG_NAME).read_text()).get("recalibrated_from")
+        if source:
+            return _training_record(Path(source))
+    return record
+
+
 def learning_points(specs: Sequence[str], dataset: str = "wikitext2") -> dict[str, Any]:
     """Points (series, tokens trained, perplexity, ratio) from ``skipgpt eval --json`` files of
     routed models; the tokens and wall time come from each router set's ``results.json``.
@@ -387,7 +398,7 @@ def learning_points(specs: Sequence[str], dataset: str = "wikitext2") -> dict[st
         if not point.get("routers"):
             points.append({**point, "series": "dense", "tokens": None, "wall_s": None})
             continue
-        results_path = resolve_router_dir(point["routers"]) / "results.json"
+        results_path = _training_record(resolve_router_dir(point["routers"]))
         try:
             results = json.loads(results_path.read_text())
         except (OSError, ValueError) as err:

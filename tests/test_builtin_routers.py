@@ -1,0 +1,58 @@
+"""Router sets shipped inside the package for the builtin model: named like the model, offline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from skipgpt import SkipGPTError, load_routers, routing_state
+from skipgpt.routing.save_load import BUILTIN_DIR, BUILTIN_ROUTERS, CONFIG_NAME, WEIGHTS_NAME, read_router_config, router_dir
+
+
+@pytest.mark.parametrize("name", list(BUILTIN_ROUTERS))
+def test_builtin_names_resolve_to_files_shipped_in_the_package(name):
+    directory = router_dir(name)
+    assert (directory / CONFIG_NAME).is_file() and (directory / WEIGHTS_NAME).is_file()
+    config = read_router_config(name)
+    assert config["router"]["model_type"] == "llama" and config["router"]["num_layers"] == 30
+    assert config["command"].startswith("skipgpt tune ")  # how it was made, to reproduce it
+    target = config["training"]["target"]
+    assert abs(target - int(name[-2:]) / 100) < 0.05
+
+
+def test_a_directory_of_that_name_wins_over_the_builtin(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert router_dir("smollm2-135m-rt25") == BUILTIN_DIR / "smollm2-135m-rt25"
+    (tmp_path / "smollm2-135m-rt25").mkdir()
+    assert router_dir("smollm2-135m-rt25") == Path("smollm2-135m-rt25")
+
+
+@pytest.mark.parametrize("name", list(BUILTIN_ROUTERS))
+def test_builtin_sets_refuse_another_base_model(name):
+    with pytest.raises(SkipGPTError, match="tuned on the builtin model 'smollm2-135m'.*--model smollm2-135m"):
+        load_routers(tiny_model("llama"), name)
+
+
+def test_unknown_router_names_list_the_builtin_sets():
+    with pytest.raises(SkipGPTError, match="smollm2-135m-rt25, smollm2-135m-rt40"):
+        read_router_config("smollm2-135m-rt99")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(BUILTIN_ROUTERS))
+def test_builtin_sets_load_onto_the_builtin_model_and_skip(name):
+    from skipgpt.models import load_model
+
+    model, tokenizer = load_model("smollm2-135m")
+    load_routers(model, name)
+    ids = tokenizer("The history of the city begins in the Roman period, when a small fort was built on the river.",
+                    return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        model(input_ids=ids)
+    stats = routing_state(model).last_stats()
+    assert 0.05 < float(stats.params) < 0.8  # it skips, and not everything
+    assert json.loads((router_dir(name) / CONFIG_NAME).read_text())["router"]["base_model"]
