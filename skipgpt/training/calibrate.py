@@ -99,8 +99,8 @@ def calibrate_threshold(
 def recalibrate(model: torch.nn.Module, router_dir: str | Path, sequences: torch.Tensor, target: float, unit: str,
                 out: str | Path, note: str = "", command: str = "") -> dict[str, float | str]:
     """Re-target the routers loaded from ``router_dir`` (on ``model``) to ``target``: move only the
-    threshold, and save them to ``out`` with the original record (``command`` made them) and the
-    re-calibration (``command``: how, beside the training command of the original)."""
+    threshold, and save them to ``out`` with the original record and the re-calibration; ``command``
+    is the re-calibrating command line, kept beside the original's training command."""
     result: dict[str, float | str] = {**calibrate_threshold(model, sequences, target, unit), "calibration_text": note,
                                       "command": command}
     previous = read_router_config(router_dir)
