@@ -123,6 +123,9 @@ class TuneConfig(JsonConfig):
     # trains, in the last steps, exactly the decisions that inference deploys.
     noise_start: float = 1.0
     noise_end: float = 1.0
+    # Fraction of the run spent at noise_start before the noise anneals: 0.8 with noise_end 0
+    # keeps the paper's sampler for 80 % of the steps and trains the argmax decisions only at the end.
+    noise_from: float = 0.0
     # "cosine" decays the learning rate to min_lr_ratio × lr over the run; "constant" is the paper's.
     lr_schedule: Literal["constant", "cosine"] = "constant"
     min_lr_ratio: float = 0.1
@@ -158,6 +161,8 @@ class TuneConfig(JsonConfig):
             raise SkipGPTError(f"lr schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.hidden_distill and self.loss != "kl":
             raise SkipGPTError("hidden-state distillation needs the dense model as teacher: use it with --loss kl")
+        if not 0.0 <= self.noise_from < 1.0:
+            raise SkipGPTError(f"noise_from is a fraction of the run in [0, 1), got {self.noise_from}")
         for name in ("noise_start", "noise_end", "hidden_distill"):
             if getattr(self, name) < 0:
                 raise SkipGPTError(f"{name} must be >= 0, got {getattr(self, name)}")

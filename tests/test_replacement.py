@@ -230,10 +230,10 @@ def test_noise_one_is_the_papers_gumbel_sampler_and_zero_is_argmax():
     assert torch.allclose(logits.grad[..., 1], soft[..., 0] * soft[..., 1] / 2.0, atol=1e-6)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_argmax_hits_the_target_without_calibration_when_noise_anneals_to_zero(tmp_path, seed):
+@pytest.mark.parametrize("seed,noise_from", [(0, 0.0), (1, 0.0), (0, 0.5)])
+def test_argmax_hits_the_target_without_calibration_when_noise_anneals_to_zero(tmp_path, seed, noise_from):
     cfg = TuneConfig(target=0.3, steps=60, batch_size=16, seq_len=64, lr=1e-2, save_every=1000, noise_end=0.0,
-                     lr_schedule="cosine", seed=seed, calibrate=False)
+                     noise_from=noise_from, lr_schedule="cosine", seed=seed, calibrate=False)
     model = tiny_model("llama", seed=seed)
     ids = random_ids(64, 64, seed=seed)
     tune_routers(model, ids, cfg, tmp_path, router_config=RouterConfig(), progress=False)

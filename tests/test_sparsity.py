@@ -155,6 +155,12 @@ def test_tau_schedule(step, steps, expected):
     assert tau_at(step, steps, 5.0, 1.0) == pytest.approx(expected)
 
 
+def test_a_late_anneal_holds_the_start_value_then_reaches_the_end_at_the_last_step():
+    values = [tau_at(s, 11, 1.0, 0.0, begin=0.6) for s in range(11)]
+    assert values[:7] == [1.0] * 7  # steps 0..6 are within the first 60 % of the run
+    assert values[7:] == pytest.approx([0.75, 0.5, 0.25, 0.0])
+
+
 def test_tau_schedule_is_linear():
     taus = torch.tensor([tau_at(s, 20, 5.0, 1.0) for s in range(20)])
     torch.testing.assert_close(taus.diff(), torch.full((19,), -4.0 / 19, dtype=taus.dtype))

@@ -326,6 +326,7 @@ BAD_CONFIGS = {
     "steps": (dict(steps=0), "steps must be at least 1"),
     "batch": (dict(batch_size=0), "batch_size must be at least 1"),
     "save_every": (dict(save_every=0), "save_every must be at least 1"),
+    "noise_from": (dict(noise_from=1.0), r"noise_from is a fraction of the run in \[0, 1\)"),
 }
 
 

@@ -34,10 +34,11 @@ from .replacements import fit_replacements
 RESULTS_NAME = "results.json"
 
 
-def tau_at(step: int, steps: int, start: float, end: float) -> float:
-    """Linear annealing over optimizer steps: ``start`` at the first step, ``end`` at the last
-    (τ and the Gumbel noise scale both follow it)."""
-    return start + (end - start) * step / max(steps - 1, 1)
+def tau_at(step: int, steps: int, start: float, end: float, begin: float = 0.0) -> float:
+    """Linear annealing over optimizer steps: ``start`` until the fraction ``begin`` of the run,
+    then linearly to ``end`` at the last step (τ and the Gumbel noise scale both follow it)."""
+    progress = step / max(steps - 1, 1)
+    return start + (end - start) * max(progress - begin, 0.0) / (1.0 - begin)
 
 
 def lr_factor(step: int, cfg: TuneConfig) -> float:
@@ -147,7 +148,7 @@ def tune_routers(
 
     def step_loss(m: torch.nn.Module, batch: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         tau = tau_at(step, cfg.steps, cfg.tau_start, cfg.tau_end)
-        noise = tau_at(step, cfg.steps, cfg.noise_start, cfg.noise_end)
+        noise = tau_at(step, cfg.steps, cfg.noise_start, cfg.noise_end, cfg.noise_from)
         set_gate_mode(model, "gumbel", tau=tau, noise=noise)
         loss, parts = routed_loss(m, batch, cfg)
         return loss, {**parts, "tau": tau, "noise": noise}
