@@ -12,6 +12,7 @@ import shlex
 import sys
 from typing import Sequence
 
+from ..allocator import keep_freed_memory
 from ..errors import SkipGPTError
 from . import analyze, baselines, evaluate, export, generate, info, train
 
@@ -30,6 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.command_line = shlex.join(["skipgpt", *argv])  # recorded with results: how they were made
+    keep_freed_memory()  # this process is ours: big per-step tensors reuse memory instead of faulting it in
     try:
         args.handler(args)
     except SkipGPTError as err:
