@@ -129,6 +129,9 @@ class TuneConfig(JsonConfig):
     # "cosine" decays the learning rate to min_lr_ratio × lr over the run; "constant" is the paper's.
     lr_schedule: Literal["constant", "cosine"] = "constant"
     min_lr_ratio: float = 0.1
+    # Fraction of the run at the full rate before the cosine starts: with noise_from equal to it, the
+    # deterministic last phase settles at a falling rate instead of oscillating at the full one.
+    lr_decay_from: float = 0.0
     # Weight of the hidden-state distillation term (KL loss only): the mean over layers of the
     # routed residual stream's squared error to the dense one, relative to the dense one's power.
     hidden_distill: float = 0.0
@@ -161,8 +164,11 @@ class TuneConfig(JsonConfig):
             raise SkipGPTError(f"lr schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.hidden_distill and self.loss != "kl":
             raise SkipGPTError("hidden-state distillation needs the dense model as teacher: use it with --loss kl")
-        if not 0.0 <= self.noise_from < 1.0:
-            raise SkipGPTError(f"noise_from is a fraction of the run in [0, 1), got {self.noise_from}")
+        for name in ("noise_from", "lr_decay_from"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise SkipGPTError(f"{name} is a fraction of the run in [0, 1), got {getattr(self, name)}")
+        if self.lr_decay_from and self.lr_schedule != "cosine":
+            raise SkipGPTError("lr_decay_from delays the cosine decay: use it with lr_schedule 'cosine' (--lr-schedule cosine)")
         for name in ("noise_start", "noise_end", "hidden_distill"):
             if getattr(self, name) < 0:
                 raise SkipGPTError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -145,11 +145,12 @@ def test_tune_with_a_replacement_and_the_deployed_routing_records_the_recipe(wor
     out = tmp_path / "replaced"
     assert main(["tune", "--model", str(workspace / "model"), "--data", str(workspace / "train.txt"), *TUNE,
                  "--replacement", "lowrank", "--replacement-rank", "4", "--noise-end", "0", "--noise-from", "0.5", "--lr-schedule", "cosine",
-                 "--hidden-distill", "0.5", "--out", str(out)]) == 0
+                 "--lr-decay-from", "0.5", "--hidden-distill", "0.5", "--out", str(out)]) == 0
     saved = json.loads((out / "router_config.json").read_text())
     assert (saved["router"]["replacement"], saved["router"]["replacement_rank"]) == ("lowrank", 4)
     training = saved["training"]
-    assert (training["noise_end"], training["noise_from"], training["lr_schedule"], training["hidden_distill"]) == (0.0, 0.5, "cosine", 0.5)
+    assert (training["noise_end"], training["noise_from"], training["lr_schedule"], training["lr_decay_from"], training["hidden_distill"]) \
+        == (0.0, 0.5, "cosine", 0.5, 0.5)
     assert saved["command"].startswith("skipgpt tune --model ") and "--replacement lowrank" in saved["command"]
     assert any(".replacement.up" in k for k in load_file(str(out / "routers.safetensors")))
     results = json.loads((out / "results.json").read_text())

@@ -249,6 +249,13 @@ def test_cosine_schedule_decays_to_its_floor():
     assert lr_factor(7, TuneConfig(steps=11)) == 1.0
 
 
+def test_a_delayed_cosine_holds_the_full_rate_then_decays_over_the_rest():
+    cfg = TuneConfig(steps=11, lr_schedule="cosine", min_lr_ratio=0.1, lr_decay_from=0.6)
+    assert [lr_factor(s, cfg) for s in (0, 3, 6)] == [1.0, 1.0, 1.0]
+    assert lr_factor(8, cfg) == pytest.approx(0.55)
+    assert lr_factor(10, cfg) == pytest.approx(0.1)
+
+
 def test_hidden_distillation_is_zero_for_the_dense_model_and_grows_with_skipping():
     model = attach_routers(tiny_model("llama"))
     batch = random_ids(2, 16)

@@ -327,6 +327,8 @@ BAD_CONFIGS = {
     "batch": (dict(batch_size=0), "batch_size must be at least 1"),
     "save_every": (dict(save_every=0), "save_every must be at least 1"),
     "noise_from": (dict(noise_from=1.0), r"noise_from is a fraction of the run in \[0, 1\)"),
+    "lr_decay_from": (dict(lr_schedule="cosine", lr_decay_from=-0.1), r"lr_decay_from is a fraction of the run in \[0, 1\)"),
+    "lr_decay_from constant": (dict(lr_decay_from=0.5), "use it with lr_schedule 'cosine'"),
 }
 
 

@@ -58,6 +58,8 @@ def tune_args(p: argparse.ArgumentParser, steps: int) -> None:
                    help="fraction of the run kept at --noise-start before the noise anneals to --noise-end")
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], default=d.lr_schedule)
     p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="cosine: final lr as a share of --lr")
+    p.add_argument("--lr-decay-from", type=float, default=d.lr_decay_from,
+                   help="cosine: fraction of the run kept at the full --lr before the decay starts")
     p.add_argument("--hidden-distill", type=float, default=d.hidden_distill,
                    help="weight of the hidden-state distillation term (relative error of every layer's residual stream; --loss kl)")
     p.add_argument("--replacement", choices=["none", "bias", "lowrank"], default=RouterConfig.replacement,
@@ -88,7 +90,7 @@ def tune_config(args: argparse.Namespace) -> tuple[TuneConfig, RouterConfig]:
         loss=args.loss, bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
         save_every=args.save_every, calibrate=not args.no_calibrate, budget_minutes=args.budget_minutes,
         noise_start=args.noise_start, noise_end=args.noise_end, noise_from=args.noise_from, lr_schedule=args.lr_schedule,
-        min_lr_ratio=args.min_lr_ratio, hidden_distill=args.hidden_distill, fit_sequences=args.fit_sequences,
+        min_lr_ratio=args.min_lr_ratio, lr_decay_from=args.lr_decay_from, hidden_distill=args.hidden_distill, fit_sequences=args.fit_sequences,
     )
     router_cfg = RouterConfig(router=args.router, init=args.init, init_bias=args.init_bias, input_norm=not args.raw_input,
                               kv_policy=args.kv_policy, replacement=args.replacement,

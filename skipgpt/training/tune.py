@@ -45,7 +45,7 @@ def lr_factor(step: int, cfg: TuneConfig) -> float:
     """Multiplier of the learning rate after ``step`` optimizer steps."""
     if cfg.lr_schedule == "constant":
         return 1.0
-    progress = min(step / max(cfg.steps - 1, 1), 1.0)
+    progress = min(max(step / max(cfg.steps - 1, 1) - cfg.lr_decay_from, 0.0) / (1.0 - cfg.lr_decay_from), 1.0)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
