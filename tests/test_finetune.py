@@ -52,6 +52,25 @@ def test_rt_l_trains_only_lora_with_frozen_argmax_routers(tmp_path, monkeypatch)
             "train_log.jsonl", "results.json"} <= {p.name for p in tmp_path.iterdir()}
 
 
+def test_rt_l_can_train_the_replacements_and_keeps_the_decisions(tmp_path):
+    model = routed_tiny()
+    routing_state(model).config.threshold = 0.5  # a third of the tokens skip: the replacements get gradients
+    routers = router_tensors(model)
+    _, results = run(tmp_path, model, train_replacements=True)
+    assert results["last_step"]["sparsity"] > 0.1
+    changed = {k for k, v in router_tensors(model).items() if not torch.equal(v, routers[k])}
+    assert changed and all(".replacement." in k for k in changed)
+    reloaded = load_routers(tiny_model("llama"), tmp_path)
+    assert all(torch.equal(router_tensors(reloaded)[k], v) for k, v in router_tensors(model).items())
+
+
+@pytest.mark.parametrize("mode, replacement", [("joint", "lowrank"), ("routed", "none")])
+def test_train_replacements_needs_routers_with_replacements(tmp_path, mode, replacement):
+    model = attach_routers(tiny_model("llama"), RouterConfig(init_bias=0.5, replacement=replacement))
+    with pytest.raises(SkipGPTError, match="train-replacements"):
+        run(tmp_path, model, mode=mode, train_replacements=True)
+
+
 def test_joint_updates_routers_and_lora(tmp_path):
     model = routed_tiny()
     routers = router_tensors(model)

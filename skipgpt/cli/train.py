@@ -63,6 +63,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lora-alpha", type=int, default=f.lora_alpha)
     p.add_argument("--lora-dropout", type=float, default=f.lora_dropout)
     p.add_argument("--lora-targets", default=",".join(f.lora_targets), help="comma-separated module names")
+    p.add_argument("--train-replacements", action="store_true",
+                   help="RT-L: also train what skipped modules leave behind (the skip decisions stay frozen)")
     p.add_argument("--target", type=float, default=f.joint.target, help="--joint: target sparsity")
     p.add_argument("--target-unit", choices=["params", "modules"], default=f.joint.target_unit, help="--joint")
     p.add_argument("--router-lr", type=float, default=f.joint.lr, help="--joint: router learning rate")
@@ -123,7 +125,7 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
         mode=mode, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len,
         lr=args.lr, warmup_ratio=args.warmup_ratio, loss=args.loss, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout, lora_targets=tuple(t for t in args.lora_targets.split(",") if t),
-        seed=args.seed, save_every=args.save_every,
+        seed=args.seed, save_every=args.save_every, train_replacements=args.train_replacements,
         joint=TuneConfig.from_dict({**base.to_dict(), "target": args.target, "target_unit": args.target_unit,
                                     "lr": args.router_lr, "steps": args.steps, "seed": args.seed}),
     )

@@ -107,6 +107,14 @@ def router_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for layer in state.adapter.decoder_layers(model) for p in layer.skip_routers.parameters()]
 
 
+def replacement_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """What skipped modules leave behind (``RouterConfig.replacement``): trainable apart from the
+    decisions, which stage 2 keeps frozen."""
+    state = routing_state(model)
+    return [p for layer in state.adapter.decoder_layers(model) for r in layer.skip_routers.values()
+            if r.replacement is not None for p in r.replacement.parameters()]
+
+
 def set_gate_mode(
     model: nn.Module, mode: GateMode, *, tau: float | None = None, noise: float | None = None,
     gates: torch.Tensor | None = None,

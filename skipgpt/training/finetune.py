@@ -26,7 +26,9 @@ from ..config import JsonConfig, TuneConfig
 from ..errors import SkipGPTError
 from ..files import write_json
 from ..routing.save_load import load_routers_state_dict, routers_state_dict, save_routers
-from ..routing.surgery import gate_mode, has_routers, layer_outputs, router_parameters, routing_state, set_gate_mode
+from ..routing.surgery import (
+    gate_mode, has_routers, layer_outputs, replacement_parameters, router_parameters, routing_state, set_gate_mode,
+)
 from . import checkpoint
 from .calibrate import calibrate_threshold
 from .loop import LoopSpec, run_loop, run_summary
@@ -56,6 +58,9 @@ class FinetuneConfig(JsonConfig):
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS
     loss: Literal["nll", "kl"] = "nll"  # the paper fine-tunes on the LM loss; "kl" distils the base model
+    # RT-L: also train the replacements of skipped modules (at ``lr``), which stage 1 fitted under
+    # noisy routing; the skip decisions stay frozen either way.
+    train_replacements: bool = False
     seed: int = 0
     save_every: int = 50
     # Joint mode only: the router half of the recipe (target, unit, α, τ schedule, router lr).
@@ -71,6 +76,9 @@ class FinetuneConfig(JsonConfig):
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "save_every", "lora_r"):
             if getattr(self, name) < 1:
                 raise SkipGPTError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.train_replacements and self.mode != "routed":
+            raise SkipGPTError("--train-replacements belongs to SkipGPT-RT-L (--routers DIR): joint mode trains them "
+                               "with its routers, and dense fine-tuning has none")
 
 
 def add_lora(model: torch.nn.Module, cfg: FinetuneConfig) -> PeftModel:
@@ -150,11 +158,17 @@ def finetune(
     routers_before = routers_state_dict(model) if routed else {}
     peft_model = add_lora(model, cfg)  # freezes everything but LoRA
     groups = [{"params": [p for n, p in peft_model.named_parameters() if "lora_" in n], "lr": cfg.lr}]
+    trained_router_params: list[torch.nn.Parameter] = []
     if cfg.mode == "joint":
-        router_params = router_parameters(model)
-        for p in router_params:
-            p.requires_grad_(True)
-        groups.append({"params": router_params, "lr": cfg.joint.lr})
+        trained_router_params = router_parameters(model)
+    elif cfg.train_replacements:
+        trained_router_params = replacement_parameters(model)
+        if not trained_router_params:
+            raise SkipGPTError("--train-replacements: these routers have no replacements (tuned with --replacement none)")
+    for p in trained_router_params:
+        p.requires_grad_(True)
+    if trained_router_params:
+        groups.append({"params": trained_router_params, "lr": cfg.joint.lr if cfg.mode == "joint" else cfg.lr})
     peft_model.train()
     optimizer = torch.optim.AdamW(groups, betas=cfg.betas, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.warmup_ratio * cfg.steps), cfg.steps)
@@ -177,11 +191,11 @@ def finetune(
 
     def weights() -> dict[str, torch.Tensor]:
         lora = {f"lora.{k}": v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
-        return {**lora, **({f"router.{k}": v for k, v in routers_state_dict(model).items()} if cfg.mode == "joint" else {})}
+        return {**lora, **({f"router.{k}": v for k, v in routers_state_dict(model).items()} if trained_router_params else {})}
 
     def load_weights(saved: dict[str, torch.Tensor]) -> None:
         set_peft_model_state_dict(peft_model, {k[5:]: v for k, v in saved.items() if k.startswith("lora.")})
-        if cfg.mode == "joint":
+        if trained_router_params:
             load_routers_state_dict(model, {k[7:]: v for k, v in saved.items() if k.startswith("router.")})
 
     fingerprint = {"finetune": cfg.to_dict(), "data_shape": list(train_ids.shape)}
@@ -201,6 +215,7 @@ def finetune(
             calibration = calibrate_threshold(peft_model, calib_ids, cfg.joint.target, cfg.joint.target_unit)
         if cfg.mode == "routed" and any(
             not torch.equal(routers_before[k], v) for k, v in routers_state_dict(model).items()
+            if not (cfg.train_replacements and ".replacement." in k)
         ):
             raise SkipGPTError("internal error: frozen routers changed during fine-tuning")
     results = {
