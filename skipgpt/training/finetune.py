@@ -27,7 +27,13 @@ from ..errors import SkipGPTError
 from ..files import write_json
 from ..routing.save_load import load_routers_state_dict, routers_state_dict, save_routers
 from ..routing.surgery import (
-    gate_mode, has_routers, layer_outputs, replacement_parameters, router_parameters, routing_state, set_gate_mode,
+    gate_mode,
+    has_routers,
+    layer_outputs,
+    replacement_parameters,
+    router_parameters,
+    routing_state,
+    set_gate_mode,
 )
 from . import checkpoint
 from .calibrate import calibrate_threshold
