@@ -107,6 +107,23 @@ def test_generate_skipping_equals_masked_and_reports_sparsity(workspace, tmp_pat
     assert main(["generate", "--model", str(workspace / "model")]) == 2  # no prompt: clear error
 
 
+def test_calibrate_with_an_adapter_sets_the_threshold_for_the_fine_tuned_model(workspace, tmp_path):
+    routers, tuned, again = tmp_path / "routers", tmp_path / "rtl", tmp_path / "rtl_retargeted"
+    data = ["--model", str(workspace / "model"), "--data", str(workspace / "train.txt")]
+    assert main(["tune", *data, *TUNE, "--out", str(routers)]) == 0
+    assert main(["finetune", *data, "--routers", str(routers), "--steps", "4", "--seq-len", "16", "--batch-size", "2",
+                 "--lr", "1e-2", "--out", str(tuned)]) == 0
+    assert main(["calibrate", *data, "--routers", str(tuned), "--adapter", str(tuned), "--target", "0.4", "--out", str(again)]) == 0
+    record = json.loads((again / "router_config.json").read_text())["recalibration"]
+    assert "LoRA adapter" in record["calibration_text"] and "--adapter" in record["command"]
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in again.iterdir()}
+    assert main(["eval", *data, "--routers", str(again), "--adapter", str(again), "--json", str(tmp_path / "e.json")]) == 0
+    evaluated = next(iter(json.loads((tmp_path / "e.json").read_text())["results"].values()))
+    assert abs(evaluated["sparsity"]["param_ratio"] - record["ratio_after"]) < 0.1  # the same model the threshold was set on
+    assert main(["calibrate", *data, "--routers", str(routers), "--adapter", str(routers), "--target", "0.4",
+                 "--out", str(tmp_path / "x")]) == 2  # tune's output holds no adapter: clear error
+
+
 def test_tune_with_kv_policy_drop_records_it_and_generates(workspace, tmp_path):
     out = tmp_path / "drop"
     assert main(["tune", "--model", str(workspace / "model"), "--data", str(workspace / "train.txt"), *TUNE,

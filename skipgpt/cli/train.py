@@ -19,7 +19,7 @@ from ..routing.adapters import get_adapter
 from ..routing.save_load import CONFIG_NAME, load_routers
 from ..routing.surgery import attach_routers
 from ..training.calibrate import recalibrate
-from ..training.finetune import FinetuneConfig, finetune
+from ..training.finetune import FinetuneConfig, copy_adapter, finetune
 from ..training.tune import tune_routers
 from .common import (
     DTYPES,
@@ -27,6 +27,7 @@ from .common import (
     data_dir_arg,
     default_train_data,
     model_args,
+    routed_model,
     tune_args,
     tune_config,
     writing,
@@ -78,6 +79,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     model_args(p)
     data_dir_arg(p)
     p.add_argument("--routers", required=True, help="router directory from 'skipgpt tune'")
+    p.add_argument("--adapter", help="LoRA adapter from 'skipgpt finetune': set the threshold for the fine-tuned model, whose "
+                                     "hidden states the LoRA moved (the adapter is copied to --out beside the routers)")
     p.add_argument("--target", type=float, required=True, help="ratio argmax routing should deliver, in [0, 1)")
     p.add_argument("--target-unit", choices=["params", "modules"], default=TuneConfig.target_unit)
     p.add_argument("--data", default=None, help="calibration text, as tune's --data (default: the training text)")
@@ -161,8 +164,7 @@ def cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     if (out / CONFIG_NAME).exists():
         raise SkipGPTError(f"{out} already holds routers; pick another --out")
     source = load_source(args.data or default_train_data(args), args.split, args.data_dir)
-    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
-    load_routers(model, args.routers)
+    model, tokenizer = routed_model(args)
     cfg = TuneConfig()
     if args.split == "train":
         _, calib_ids = training_sequences(tokenizer, source.documents, cfg.seq_len, cfg.calib_sequences, cfg.calib_seq_len)
@@ -173,8 +175,11 @@ def cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     if calib_ids is None:
         raise SkipGPTError(f"{source.description} is too short to hold out {cfg.calib_sequences} x {cfg.calib_seq_len} calibration tokens")
     result = recalibrate(model, args.routers, calib_ids, args.target, args.target_unit, out,
-                         note=f"{calib_ids.numel()} tokens of {source.description} ({args.split} split)",
+                         note=f"{calib_ids.numel()} tokens of {source.description} ({args.split} split)"
+                              + (f", with the LoRA adapter of {args.adapter}" if args.adapter else ""),
                          command=args.command_line)
+    if args.adapter:
+        copy_adapter(args.adapter, out)
     print(table(["field", "value"], [("routers", str(out)), ("ratio before", pct(result["ratio_before"])),
                                      ("ratio after", pct(result["ratio_after"])), ("threshold", f"{result['threshold']:.4g}")]))
     return result

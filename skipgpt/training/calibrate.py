@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 
 from ..pause import pause_point
 from ..routing.save_load import read_router_config, save_routers
@@ -100,10 +101,12 @@ def recalibrate(model: torch.nn.Module, router_dir: str | Path, sequences: torch
                 out: str | Path, note: str = "", command: str = "") -> dict[str, float | str]:
     """Re-target the routers loaded from ``router_dir`` (on ``model``) to ``target``: move only the
     threshold, and save them to ``out`` with the original record and the re-calibration; ``command``
-    is the re-calibrating command line, kept beside the original's training command."""
+    is the re-calibrating command line, kept beside the original's training command. ``model`` may
+    carry a LoRA adapter (PEFT): the threshold is then the fine-tuned model's."""
     result: dict[str, float | str] = {**calibrate_threshold(model, sequences, target, unit), "calibration_text": note,
                                       "command": command}
     previous = read_router_config(router_dir)
     extra = {k: v for k, v in previous.items() if k not in ("format", "version", "router")}
-    save_routers(model, out, extra={**extra, "recalibrated_from": str(router_dir), "recalibration": result})
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    save_routers(base, out, extra={**extra, "recalibrated_from": str(router_dir), "recalibration": result})
     return result

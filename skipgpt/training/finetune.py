@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from accelerate import Accelerator
@@ -99,10 +99,14 @@ def add_lora(model: torch.nn.Module, cfg: FinetuneConfig) -> PeftModel:
         raise SkipGPTError(f"cannot add LoRA to {cfg.lora_targets}: {err}") from None
 
 
-def load_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> PeftModel:
-    """Put a saved LoRA adapter onto ``model`` (which carries its routers already, if any)."""
+def _check_adapter_dir(adapter_dir: str | Path) -> None:
     if not (Path(adapter_dir) / ADAPTER_CONFIG).is_file():
         raise SkipGPTError(f"no {ADAPTER_CONFIG} in {adapter_dir}: pass the output directory of 'skipgpt finetune'")
+
+
+def load_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> PeftModel:
+    """Put a saved LoRA adapter onto ``model`` (which carries its routers already, if any)."""
+    _check_adapter_dir(adapter_dir)
     try:
         return PeftModel.from_pretrained(model, str(adapter_dir))
     except (RuntimeError, ValueError, KeyError) as err:
@@ -112,16 +116,28 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> PeftModel:
         ) from None
 
 
-def _save_adapter(peft_model: PeftModel, out: Path) -> None:
-    """PEFT writes its files in place; staged beside them and renamed one by one, no file under
-    its final name is ever half-written, whenever the run is killed."""
+def _staged(out: Path, fill: Callable[[Path], Any]) -> None:
+    """Files written by ``fill`` into a staging folder beside their final place, then renamed one
+    by one: no file under its final name is ever half-written, whenever the process is killed."""
     staging = Path(tempfile.mkdtemp(prefix=".adapter.", dir=out))
     try:
-        peft_model.save_pretrained(str(staging))
+        fill(staging)
         for path in staging.iterdir():
             os.replace(path, out / path.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _save_adapter(peft_model: PeftModel, out: Path) -> None:
+    _staged(out, lambda staging: peft_model.save_pretrained(str(staging)))  # PEFT writes its files in place
+
+
+def copy_adapter(adapter_dir: str | Path, out: str | Path) -> None:
+    """Put a saved adapter beside re-calibrated routers, so that ``--routers OUT --adapter OUT``
+    is again one RT-L model."""
+    _check_adapter_dir(adapter_dir)
+    files = sorted(Path(adapter_dir).glob("adapter_*"))  # PEFT's adapter_config.json and weights
+    _staged(Path(out), lambda staging: [shutil.copy2(f, staging / f.name) for f in files])
 
 
 def _base_model_teacher(peft_model: PeftModel) -> Teacher:
