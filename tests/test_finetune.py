@@ -62,6 +62,9 @@ def test_rt_l_can_train_the_replacements_and_keeps_the_decisions(tmp_path):
     assert changed and all(".replacement." in k for k in changed)
     reloaded = load_routers(tiny_model("llama"), tmp_path)
     assert all(torch.equal(router_tensors(reloaded)[k], v) for k, v in router_tensors(model).items())
+    load_adapter(reloaded, tmp_path)  # the replacements it was trained with
+    with pytest.raises(SkipGPTError, match="fine-tuned together with its replacements"):
+        load_adapter(routed_tiny(), tmp_path)  # the stage-1 replacements it started from
 
 
 @pytest.mark.parametrize("mode, replacement", [("joint", "lowrank"), ("routed", "none")])

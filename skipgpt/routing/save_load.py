@@ -96,6 +96,16 @@ def read_router_config(name_or_path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+def read_router_weights(name_or_path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    weights = router_dir(name_or_path) / WEIGHTS_NAME
+    try:
+        return load_file(str(weights))
+    except FileNotFoundError:
+        raise SkipGPTError(f"no {WEIGHTS_NAME} in {name_or_path}") from None
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise SkipGPTError(f"{weights} is corrupt ({err}); re-run 'skipgpt tune' or restore the file") from None
+
+
 def load_routers(model: nn.Module, name_or_path: str | os.PathLike) -> nn.Module:
     """Attach routers saved by :func:`save_routers` (a directory or a builtin name) onto ``model``,
     refusing a different base model."""
@@ -117,13 +127,7 @@ def load_routers(model: nn.Module, name_or_path: str | os.PathLike) -> nn.Module
             f"and {expected[2]} layers (base {config.base_model!r}), but this model is a {actual[0]} with "
             f"hidden size {actual[1]} and {actual[2]} layers; load them onto the model they were trained on"
         )
-    weights = directory / WEIGHTS_NAME
-    try:
-        tensors = load_file(str(weights))
-    except FileNotFoundError:
-        raise SkipGPTError(f"no {WEIGHTS_NAME} in {name_or_path}") from None
-    except Exception as err:  # safetensors raises its own error types for damaged files
-        raise SkipGPTError(f"{weights} is corrupt ({err}); re-run 'skipgpt tune' or restore the file") from None
+    tensors = read_router_weights(name_or_path)
     attach_routers(model, config)
     try:
         load_routers_state_dict(model, tensors)

@@ -25,7 +25,14 @@ from transformers import get_cosine_schedule_with_warmup
 from ..config import JsonConfig, TuneConfig
 from ..errors import SkipGPTError
 from ..files import write_json
-from ..routing.save_load import load_routers_state_dict, routers_state_dict, save_routers
+from ..routing.save_load import (
+    CONFIG_NAME,
+    load_routers_state_dict,
+    read_router_config,
+    read_router_weights,
+    routers_state_dict,
+    save_routers,
+)
 from ..routing.surgery import (
     gate_mode,
     has_routers,
@@ -104,9 +111,24 @@ def _check_adapter_dir(adapter_dir: str | Path) -> None:
         raise SkipGPTError(f"no {ADAPTER_CONFIG} in {adapter_dir}: pass the output directory of 'skipgpt finetune'")
 
 
+def _check_replacements(model: torch.nn.Module, adapter_dir: str | Path) -> None:
+    """An adapter fine-tuned with ``train_replacements`` was trained with the replacements saved
+    beside it: with any others (the stage-1 set it started from) it is a different model."""
+    if not (Path(adapter_dir) / CONFIG_NAME).is_file():
+        return
+    if not read_router_config(adapter_dir).get("training", {}).get("train_replacements"):
+        return
+    theirs = {k: v for k, v in read_router_weights(adapter_dir).items() if ".replacement." in k}
+    ours = routers_state_dict(model) if has_routers(model) else {}
+    if any(k not in ours or not torch.equal(ours[k], v) for k, v in theirs.items()):
+        raise SkipGPTError(f"the adapter in {adapter_dir} was fine-tuned together with its replacements: "
+                           f"load the routers saved beside it (--routers {adapter_dir})")
+
+
 def load_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> PeftModel:
     """Put a saved LoRA adapter onto ``model`` (which carries its routers already, if any)."""
     _check_adapter_dir(adapter_dir)
+    _check_replacements(model, adapter_dir)
     try:
         return PeftModel.from_pretrained(model, str(adapter_dir))
     except (RuntimeError, ValueError, KeyError) as err:
