@@ -5,8 +5,8 @@ vocabulary, the teacher's, their log-softmax and gradients. glibc serves every a
 its mmap threshold with a fresh ``mmap`` and unmaps it on ``free``, so every step faults in and
 zeroes gigabytes again: a stage-2 KL step on SmolLM2-135M spent a fifth of its CPU time in the
 kernel and took 8.4 s, 6.6 s once big blocks came from the heap and stayed there (stage-1 and NLL
-steps measured unchanged; docs/small-budget.md). The price is that the process keeps its peak memory until it exits, which
-a training or evaluation process reaches on every step anyway.
+steps measured unchanged; docs/small-budget.md). The price is that the process keeps its peak
+memory until it exits, which a training or evaluation process reaches on every step anyway.
 
 The command line turns this on for its own process; a library must not change a process-wide
 allocator on import, so the Python API leaves it to the caller (``keep_freed_memory()``).

@@ -90,7 +90,8 @@ def tune_config(args: argparse.Namespace) -> tuple[TuneConfig, RouterConfig]:
         loss=args.loss, bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
         save_every=args.save_every, calibrate=not args.no_calibrate, budget_minutes=args.budget_minutes,
         noise_start=args.noise_start, noise_end=args.noise_end, noise_from=args.noise_from, lr_schedule=args.lr_schedule,
-        min_lr_ratio=args.min_lr_ratio, lr_decay_from=args.lr_decay_from, hidden_distill=args.hidden_distill, fit_sequences=args.fit_sequences,
+        min_lr_ratio=args.min_lr_ratio, lr_decay_from=args.lr_decay_from, hidden_distill=args.hidden_distill,
+        fit_sequences=args.fit_sequences,
     )
     router_cfg = RouterConfig(router=args.router, init=args.init, init_bias=args.init_bias, input_norm=not args.raw_input,
                               kv_policy=args.kv_policy, replacement=args.replacement,

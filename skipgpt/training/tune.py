@@ -34,18 +34,23 @@ from .replacements import fit_replacements
 RESULTS_NAME = "results.json"
 
 
+def schedule_progress(step: int, steps: int, begin: float = 0.0) -> float:
+    """0 until the fraction ``begin`` of the run, then linearly to 1 at the last step: the clock of
+    every schedule here (τ, the Gumbel noise scale, the delayed cosine learning rate)."""
+    return min(max(step / max(steps - 1, 1) - begin, 0.0) / (1.0 - begin), 1.0)
+
+
 def tau_at(step: int, steps: int, start: float, end: float, begin: float = 0.0) -> float:
     """Linear annealing over optimizer steps: ``start`` until the fraction ``begin`` of the run,
     then linearly to ``end`` at the last step (τ and the Gumbel noise scale both follow it)."""
-    progress = step / max(steps - 1, 1)
-    return start + (end - start) * max(progress - begin, 0.0) / (1.0 - begin)
+    return start + (end - start) * schedule_progress(step, steps, begin)
 
 
 def lr_factor(step: int, cfg: TuneConfig) -> float:
     """Multiplier of the learning rate after ``step`` optimizer steps."""
     if cfg.lr_schedule == "constant":
         return 1.0
-    progress = min(max(step / max(cfg.steps - 1, 1) - cfg.lr_decay_from, 0.0) / (1.0 - cfg.lr_decay_from), 1.0)
+    progress = schedule_progress(step, cfg.steps, cfg.lr_decay_from)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
