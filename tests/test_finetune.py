@@ -166,3 +166,11 @@ def test_adapter_for_another_base_is_refused(trained):
 def test_missing_adapter_files_are_refused(tmp_path):
     with pytest.raises(SkipGPTError, match="adapter_config.json"):
         load_adapter(tiny_model("llama"), tmp_path)
+
+
+def test_bf16_autocast_trains_float32_lora_and_replacements(tmp_path):
+    model = attach_routers(tiny_model("llama"), RouterConfig(init_bias=0.5, replacement="lowrank", replacement_rank=2))
+    peft_model, results = run(tmp_path, model, steps=3, bf16=True, train_replacements=True)
+    assert results["finetune"]["bf16"] and torch.isfinite(torch.tensor(results["last_step"]["loss"]))
+    trained = [p for p in peft_model.parameters() if p.requires_grad]
+    assert trained and all(p.dtype == torch.float32 for p in trained)

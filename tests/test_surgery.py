@@ -244,6 +244,18 @@ def test_routers_compute_in_float32_for_a_bf16_model():
     assert routing_state(model).stacked_gates().dtype == torch.float32
 
 
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_router_margins_stay_float32_under_bf16_autocast(kind):
+    """Training under autocast must take the decisions fp32 inference takes."""
+    router = Router(64, RouterConfig(router=kind))
+    x = torch.randn(4, 9, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fp32 = router(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = router(x)
+    assert autocast.dtype == torch.float32 and torch.equal(autocast, fp32)
+
 def tiny_gpt2():
     config = AutoConfig.for_model("gpt2", vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64)
     return AutoModelForCausalLM.from_config(config)

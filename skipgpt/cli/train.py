@@ -71,6 +71,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--router-lr", type=float, default=f.joint.lr, help="--joint: router learning rate")
     p.add_argument("--seed", type=int, default=f.seed)
     p.add_argument("--save-every", type=int, default=f.save_every)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast: about 1.5 x the steps per minute on a CPU with "
+                   "AVX-512 BF16 (measure yours); weights and routing decisions stay float32")
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true")
     p.set_defaults(handler=cmd_finetune)
@@ -128,7 +130,7 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
         mode=mode, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len,
         lr=args.lr, warmup_ratio=args.warmup_ratio, loss=args.loss, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout, lora_targets=tuple(t for t in args.lora_targets.split(",") if t),
-        seed=args.seed, save_every=args.save_every, train_replacements=args.train_replacements,
+        seed=args.seed, save_every=args.save_every, train_replacements=args.train_replacements, bf16=args.bf16,
         joint=TuneConfig.from_dict({**base.to_dict(), "target": args.target, "target_unit": args.target_unit,
                                     "lr": args.router_lr, "steps": args.steps, "seed": args.seed}),
     )

@@ -89,7 +89,10 @@ class Router(nn.Module):
         return self
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.net(rms_normalised(hidden) if self.input_norm else hidden.float())
+        # Margins in float32 even under bf16 autocast: a training step must take the decisions
+        # that fp32 inference (:meth:`execute`) takes, and near-ties flip at bf16's 8 bits.
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.net(rms_normalised(hidden) if self.input_norm else hidden.float())
 
     def execute(self, hidden: torch.Tensor, threshold: float) -> torch.Tensor:
         """Argmax decision ``margin > threshold`` as a bool [..], at a fraction of the cost.

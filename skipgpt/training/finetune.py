@@ -76,6 +76,7 @@ class FinetuneConfig(JsonConfig):
     train_replacements: bool = False
     seed: int = 0
     save_every: int = 50
+    bf16: bool = False  # autocast; LoRA weights, routers and replacements stay float32
     # Joint mode only: the router half of the recipe (target, unit, α, τ schedule, router lr).
     joint: TuneConfig = field(default_factory=TuneConfig)
 
@@ -247,7 +248,7 @@ def finetune(
     start = time.perf_counter()
     last = run_loop(
         accelerator, ddp_model, optimizer, scheduler, train_ids,
-        LoopSpec(cfg.steps, cfg.batch_size, cfg.grad_accum, cfg.seed, cfg.save_every, fingerprint),
+        LoopSpec(cfg.steps, cfg.batch_size, cfg.grad_accum, cfg.seed, cfg.save_every, fingerprint, cfg.bf16),
         step_loss, out, resume=resume, weights=weights, load_weights=load_weights,
         desc=f"LoRA ({cfg.mode})", progress=progress,
     )
