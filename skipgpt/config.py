@@ -132,6 +132,10 @@ class TuneConfig(JsonConfig):
     # Fraction of the run at the full rate before the cosine starts: with noise_from equal to it, the
     # deterministic last phase settles at a falling rate instead of oscillating at the full one.
     lr_decay_from: float = 0.0
+    # Which decisions the sparsity term counts: the sampled ones the forward takes (the paper), or
+    # "argmax": those argmax inference takes on the batch (one extra no-grad forward, gradient
+    # through sigmoid(margin / τ)), so that the deployed ratio is trained rather than calibrated.
+    sparsity_of: Literal["sampled", "argmax"] = "sampled"
     # Weight of the hidden-state distillation term (KL loss only): the mean over layers of the
     # routed residual stream's squared error to the dense one, relative to the dense one's power.
     hidden_distill: float = 0.0
@@ -160,6 +164,8 @@ class TuneConfig(JsonConfig):
             raise SkipGPTError(f"target unit must be 'params' or 'modules', got {self.target_unit!r}")
         if self.loss not in ("nll", "kl"):
             raise SkipGPTError(f"loss must be 'nll' or 'kl', got {self.loss!r}")
+        if self.sparsity_of not in ("sampled", "argmax"):
+            raise SkipGPTError(f"sparsity_of must be 'sampled' or 'argmax', got {self.sparsity_of!r}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise SkipGPTError(f"lr schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.hidden_distill and self.loss != "kl":

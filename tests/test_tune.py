@@ -329,6 +329,7 @@ BAD_CONFIGS = {
     "noise_from": (dict(noise_from=1.0), r"noise_from is a fraction of the run in \[0, 1\)"),
     "lr_decay_from": (dict(lr_schedule="cosine", lr_decay_from=-0.1), r"lr_decay_from is a fraction of the run in \[0, 1\)"),
     "lr_decay_from constant": (dict(lr_decay_from=0.5), "use it with lr_schedule 'cosine'"),
+    "sparsity_of": (dict(sparsity_of="soft"), "sparsity_of must be 'sampled' or 'argmax'"),
 }
 
 

@@ -54,6 +54,8 @@ def tune_args(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--noise-start", type=float, default=d.noise_start, help="Gumbel noise scale at the first step")
     p.add_argument("--noise-end", type=float, default=d.noise_end,
                    help="Gumbel noise scale at the last step (0: the last steps train the argmax decisions inference deploys)")
+    p.add_argument("--sparsity-of", choices=["sampled", "argmax"], default=d.sparsity_of,
+                   help="decisions the sparsity term counts: the sampled ones (paper) or those argmax inference takes")
     p.add_argument("--noise-from", type=float, default=d.noise_from,
                    help="fraction of the run kept at --noise-start before the noise anneals to --noise-end")
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], default=d.lr_schedule)
@@ -89,9 +91,9 @@ def tune_config(args: argparse.Namespace) -> tuple[TuneConfig, RouterConfig]:
         grad_accum=args.grad_accum, seq_len=args.seq_len, lr=args.lr, tau_start=args.tau_start, tau_end=args.tau_end,
         loss=args.loss, bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
         save_every=args.save_every, calibrate=not args.no_calibrate, budget_minutes=args.budget_minutes,
-        noise_start=args.noise_start, noise_end=args.noise_end, noise_from=args.noise_from, lr_schedule=args.lr_schedule,
-        min_lr_ratio=args.min_lr_ratio, lr_decay_from=args.lr_decay_from, hidden_distill=args.hidden_distill,
-        fit_sequences=args.fit_sequences,
+        noise_start=args.noise_start, noise_end=args.noise_end, noise_from=args.noise_from, sparsity_of=args.sparsity_of,
+        lr_schedule=args.lr_schedule, min_lr_ratio=args.min_lr_ratio, lr_decay_from=args.lr_decay_from,
+        hidden_distill=args.hidden_distill, fit_sequences=args.fit_sequences,
     )
     router_cfg = RouterConfig(router=args.router, init=args.init, init_bias=args.init_bias, input_norm=not args.raw_input,
                               kv_policy=args.kv_policy, replacement=args.replacement,

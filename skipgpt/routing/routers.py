@@ -143,6 +143,15 @@ def execute_gate(logits: torch.Tensor, mode: GateMode, tau: float, threshold: fl
     raise ValueError(f"execute_gate does not handle mode {mode!r}")
 
 
+def argmax_straight_through(logits: torch.Tensor, tau: float, threshold: float) -> torch.Tensor:
+    """The decision argmax routing would take (``margin > threshold``) in the forward pass, with
+    the gradient of ``sigmoid((margin - threshold) / tau)``: what the noise-free sampler's
+    straight-through gradient would be, so a sparsity term can steer the deployed ratio itself."""
+    score = (margin(logits) - threshold) / tau
+    soft = torch.sigmoid(score)
+    return (score > 0).to(soft.dtype) - soft.detach() + soft
+
+
 def topk_gate(logits: torch.Tensor, token_mask: torch.Tensor | None, capacity: float, train: bool) -> torch.Tensor:
     """MoD routing: the ceil(capacity · n) highest-scoring real tokens of each sequence execute.
 

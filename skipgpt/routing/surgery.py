@@ -18,7 +18,7 @@ from ..config import RouterConfig
 from ..errors import SkipGPTError
 from .adapters import KINDS, ArchAdapter, get_adapter
 from .forward import after_model_forward, before_model_forward, routed_layer_forward
-from .routers import GATE_MODES, GateMode, Router
+from .routers import GATE_MODES, GateMode, Router, argmax_straight_through
 from .sparsity import SparsityMeter
 from .state import RoutingState
 
@@ -183,6 +183,32 @@ def observe_dense(model: nn.Module, sequences: torch.Tensor, observe: Observer, 
                 model(input_ids=batch.to(device), use_cache=False)
     finally:
         state.observers.remove(observe)
+
+
+def deployed_gates(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Execute gates [2L, B, T] that argmax routing takes on ``batch``, differentiable in the router
+    weights (:func:`argmax_straight_through` at the current τ).
+
+    Taken along argmax routing's own path through the model: in a training forward, later modules
+    see the hidden states the *sampled* decisions made, and deciding there by argmax is not what
+    inference decides. So one extra no-grad forward records what each router sees, then each router
+    runs again, with gradient, on its own input.
+    """
+    state = routing_state(model)
+    inputs: list[torch.Tensor] = [torch.empty(0)] * state.num_modules
+
+    def keep(index: int, hidden: torch.Tensor, _update: torch.Tensor) -> None:
+        inputs[index] = hidden
+
+    state.observers.append(keep)
+    try:
+        with torch.no_grad(), gate_mode(model, "argmax"):
+            model(input_ids=batch, use_cache=False)
+    finally:
+        state.observers.remove(keep)
+    layers = sorted((m for m in model.modules() if hasattr(m, "skipgpt_index")), key=lambda m: m.skipgpt_index)
+    routers = [layer.skip_routers[kind] for layer in layers for kind in KINDS]
+    return torch.stack([argmax_straight_through(r(x), state.tau, state.config.threshold) for r, x in zip(routers, inputs, strict=True)])
 
 
 @contextlib.contextmanager

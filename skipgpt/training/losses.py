@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config import TuneConfig
-from ..routing.surgery import gate_mode, layer_outputs, routing_state
+from ..routing.sparsity import gate_stats
+from ..routing.surgery import deployed_gates, gate_mode, layer_outputs, routing_state
 
 TeacherOutput = tuple[torch.Tensor, "list[torch.Tensor] | None"]
 Teacher = Callable[[torch.nn.Module, torch.Tensor, bool], TeacherOutput]
@@ -63,12 +64,17 @@ def routed_loss(
     """LM loss + α·|T − r| of one micro-batch under the current gate mode, with its parts for the log."""
     lm, lm_parts = lm_loss(model, batch, cfg.loss, teacher, cfg.hidden_distill)
     state = routing_state(model)
-    stats = state.last_stats()
-    sparsity = stats.value(cfg.target_unit)
+    stats = state.last_stats()  # read before deployed_gates' forward overwrites the gates
+    counted = stats
+    if cfg.sparsity_of == "argmax":  # the term steers the deployed ratio; the LM loss still sees the samples
+        counted = gate_stats(deployed_gates(model, batch), state.token_mask, state.module_params, state.replacement_params)
+    sparsity = counted.value(cfg.target_unit)
     # MoD-D and D-LLM meet their budget by construction (top-k, per-token budget): no penalty.
     fixed_budget = state.config.routing != "skipgpt"
     penalty = sparsity.new_zeros(()) if fixed_budget else cfg.alpha * (cfg.target - sparsity).abs()
     logged = {**lm_parts, "sparsity_loss": penalty, "sparsity": sparsity, "module_sparsity": stats.module,
               "param_ratio": stats.params, "attn_sparsity": stats.attn, "mlp_sparsity": stats.mlp}
+    if cfg.sparsity_of == "argmax":
+        logged["sampled_sparsity"] = stats.value(cfg.target_unit)
     parts = {k: float(v.detach()) for k, v in logged.items()}
     return lm + penalty, parts
