@@ -135,6 +135,8 @@ class TuneConfig(JsonConfig):
     # Which decisions the sparsity term counts: the sampled ones the forward takes (the paper), or
     # "argmax": those argmax inference takes on the batch (one extra no-grad forward, gradient
     # through sigmoid(margin / τ)), so that the deployed ratio is trained rather than calibrated.
+    # It lands near the target but the samples then skip more than it, and quality suffers
+    # (docs/small-budget.md, `argsp`): calibration after training is the default.
     sparsity_of: Literal["sampled", "argmax"] = "sampled"
     # Weight of the hidden-state distillation term (KL loss only): the mean over layers of the
     # routed residual stream's squared error to the dense one, relative to the dense one's power.
