@@ -147,18 +147,22 @@ def gate_mode(model: nn.Module, mode: GateMode, **kwargs: Any) -> Iterator[Routi
         state.mode, state.tau, state.noise, state.fixed_gates = saved
 
 
+def _routed_layers(model: nn.Module) -> list[nn.Module]:
+    """The routed decoder layers in order, found through themselves, so that any wrapper (DDP,
+    PEFT) around the model is fine."""
+    return sorted((m for m in model.modules() if hasattr(m, "skipgpt_index")), key=lambda m: m.skipgpt_index)
+
+
 @contextlib.contextmanager
 def layer_outputs(model: nn.Module, enabled: bool = True) -> Iterator[list[torch.Tensor] | None]:
     """The residual stream after each decoder layer, for the forwards inside the block (in order,
-    with their gradients). Found through the routed layers themselves, so any wrapper (DDP, PEFT)
-    around the model is fine."""
+    with their gradients)."""
     if not enabled:
         yield None
         return
-    layers = sorted((m for m in model.modules() if hasattr(m, "skipgpt_index")), key=lambda m: m.skipgpt_index)
     captured: list[torch.Tensor] = []
     hooks = [layer.register_forward_hook(lambda _m, _a, out: captured.append(out[0] if isinstance(out, tuple) else out))
-             for layer in layers]
+             for layer in _routed_layers(model)]
     try:
         yield captured
     finally:
@@ -206,8 +210,7 @@ def deployed_gates(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
             model(input_ids=batch, use_cache=False)
     finally:
         state.observers.remove(keep)
-    layers = sorted((m for m in model.modules() if hasattr(m, "skipgpt_index")), key=lambda m: m.skipgpt_index)
-    routers = [layer.skip_routers[kind] for layer in layers for kind in KINDS]
+    routers = [layer.skip_routers[kind] for layer in _routed_layers(model) for kind in KINDS]
     return torch.stack([argmax_straight_through(r(x), state.tau, state.config.threshold) for r, x in zip(routers, inputs, strict=True)])
 
 

@@ -65,12 +65,12 @@ def routed_loss(
     lm, lm_parts = lm_loss(model, batch, cfg.loss, teacher, cfg.hidden_distill)
     state = routing_state(model)
     stats = state.last_stats()  # read before deployed_gates' forward overwrites the gates
-    counted = stats
-    if cfg.sparsity_of == "argmax":  # the term steers the deployed ratio; the LM loss still sees the samples
-        counted = gate_stats(deployed_gates(model, batch), state.token_mask, state.module_params, state.replacement_params)
-    sparsity = counted.value(cfg.target_unit)
     # MoD-D and D-LLM meet their budget by construction (top-k, per-token budget): no penalty.
     fixed_budget = state.config.routing != "skipgpt"
+    counted = stats
+    if cfg.sparsity_of == "argmax" and not fixed_budget:  # steer the deployed ratio; the LM loss still sees the samples
+        counted = gate_stats(deployed_gates(model, batch), state.token_mask, state.module_params, state.replacement_params)
+    sparsity = counted.value(cfg.target_unit)
     penalty = sparsity.new_zeros(()) if fixed_budget else cfg.alpha * (cfg.target - sparsity).abs()
     logged = {**lm_parts, "sparsity_loss": penalty, "sparsity": sparsity, "module_sparsity": stats.module,
               "param_ratio": stats.params, "attn_sparsity": stats.attn, "mlp_sparsity": stats.mlp}
