@@ -89,10 +89,13 @@ class Router(nn.Module):
         return self
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        x = rms_normalised(hidden) if self.input_norm else hidden.float()
+        if not torch.is_autocast_enabled(hidden.device.type):  # the common case; entering a context costs µs per module
+            return self.net(x)
         # Margins in float32 even under bf16 autocast: a training step must take the decisions
         # that fp32 inference (:meth:`execute`) takes, and near-ties flip at bf16's 8 bits.
         with torch.autocast(hidden.device.type, enabled=False):
-            return self.net(rms_normalised(hidden) if self.input_norm else hidden.float())
+            return self.net(x)
 
     def execute(self, hidden: torch.Tensor, threshold: float) -> torch.Tensor:
         """Argmax decision ``margin > threshold`` as a bool [..], at a fraction of the cost.
