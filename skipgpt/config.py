@@ -115,6 +115,10 @@ class TuneConfig(JsonConfig):
     seq_len: int = 256
     lr: float = 2e-3
     betas: tuple[float, float] = (0.9, 0.95)
+    # Decoupled (AdamW) decay of the routers' weight matrices only: their biases carry the execute
+    # prior and the replacements are fitted outputs, so pulling either to zero would be wrong. Once
+    # the routing settles, the noisy straight-through gradient walks router weights away at about
+    # the learning rate per step, and nothing pulls them back (docs/small-budget.md); the decay does.
     weight_decay: float = 0.0
     tau_start: float = 5.0
     tau_end: float = 1.0
@@ -177,7 +181,7 @@ class TuneConfig(JsonConfig):
                 raise SkipGPTError(f"{name} is a fraction of the run in [0, 1), got {getattr(self, name)}")
         if self.lr_decay_from and self.lr_schedule != "cosine":
             raise SkipGPTError("lr_decay_from delays the cosine decay: use it with lr_schedule 'cosine' (--lr-schedule cosine)")
-        for name in ("noise_start", "noise_end", "hidden_distill"):
+        for name in ("noise_start", "noise_end", "hidden_distill", "weight_decay"):
             if getattr(self, name) < 0:
                 raise SkipGPTError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "save_every", "fit_sequences"):

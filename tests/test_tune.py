@@ -330,6 +330,7 @@ BAD_CONFIGS = {
     "lr_decay_from": (dict(lr_schedule="cosine", lr_decay_from=-0.1), r"lr_decay_from is a fraction of the run in \[0, 1\)"),
     "lr_decay_from constant": (dict(lr_decay_from=0.5), "use it with lr_schedule 'cosine'"),
     "sparsity_of": (dict(sparsity_of="soft"), "sparsity_of must be 'sampled' or 'argmax'"),
+    "weight_decay": (dict(weight_decay=-0.1), "weight_decay must be >= 0"),
 }
 
 
@@ -351,6 +352,29 @@ def test_bf16_autocast_option_trains_float32_routers(tmp_path):
     model, results = run(tmp_path, bf16=True, steps=3)
     assert results["tune"]["bf16"] and math.isfinite(results["last_step"]["loss"])
     assert all(p.dtype == torch.float32 for p in router_parameters(model))
+
+
+
+def test_weight_decay_shrinks_the_router_weight_matrices_only(tmp_path):
+    """One AdamW step with and without decay from the same start: only the decision layers'
+    weight matrices differ, by exactly lr x decay x their start (biases and replacements carry
+    the execute prior and fitted outputs, which decay would pull to zero)."""
+    def one_step(out: Path, weight_decay: float) -> tuple[dict, dict]:
+        model = attach_routers(tiny_model("llama"), RouterConfig(replacement="lowrank", replacement_rank=2))
+        torch.manual_seed(0)  # the fit and the Gumbel noise: the same in both runs
+        before = router_tensors(model)
+        run(out, model, steps=1, weight_decay=weight_decay)
+        return before, router_tensors(model)
+
+    start, plain = one_step(tmp_path / "plain", 0.0)
+    _, decayed = one_step(tmp_path / "decayed", 0.5)
+    matrices = {k for k in plain if ".net." in k and plain[k].ndim > 1}
+    assert matrices and any(".replacement." in k for k in plain)
+    for k in plain:
+        if k in matrices:
+            torch.testing.assert_close(decayed[k], plain[k] - SMALL["lr"] * 0.5 * start[k])
+        else:
+            assert torch.equal(decayed[k], plain[k]), k
 
 
 # ---- budget -----------------------------------------------------------------------------------

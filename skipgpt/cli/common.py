@@ -48,6 +48,8 @@ def tune_args(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--grad-accum", type=int, default=d.grad_accum)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--alpha", type=float, default=d.alpha, help="weight of the sparsity loss")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help="AdamW decay of the routers' weight matrices (not their biases, not the replacements)")
     p.add_argument("--loss", choices=["nll", "kl"], default=d.loss, help="next-token NLL (paper) or KL to the dense model")
     p.add_argument("--tau-start", type=float, default=d.tau_start)
     p.add_argument("--tau-end", type=float, default=d.tau_end)
@@ -88,7 +90,8 @@ def tune_args(p: argparse.ArgumentParser, steps: int) -> None:
 def tune_config(args: argparse.Namespace) -> tuple[TuneConfig, RouterConfig]:
     tune_cfg = TuneConfig(
         target=args.target, target_unit=args.target_unit, alpha=args.alpha, steps=args.steps, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, seq_len=args.seq_len, lr=args.lr, tau_start=args.tau_start, tau_end=args.tau_end,
+        grad_accum=args.grad_accum, seq_len=args.seq_len, lr=args.lr, weight_decay=args.weight_decay,
+        tau_start=args.tau_start, tau_end=args.tau_end,
         loss=args.loss, bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
         save_every=args.save_every, calibrate=not args.no_calibrate, budget_minutes=args.budget_minutes,
         noise_start=args.noise_start, noise_end=args.noise_end, noise_from=args.noise_from, sparsity_of=args.sparsity_of,

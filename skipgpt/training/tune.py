@@ -54,6 +54,16 @@ def lr_factor(step: int, cfg: TuneConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Router parameters in two AdamW groups: the decision layers' weight matrices decay
+    (``TuneConfig.weight_decay``), their biases and the replacements do not."""
+    decayed = {id(p) for layer in routing_state(model).adapter.decoder_layers(model)
+               for r in layer.skip_routers.values() for p in r.net.parameters() if p.ndim > 1}
+    params = router_parameters(model)
+    return [{"params": [p for p in params if id(p) in decayed], "weight_decay": weight_decay},
+            {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
+
+
 CALIBRATION_PASSES = 8  # one-pass first guess, bracketing and bisection take 5-8 passes
 
 
@@ -139,11 +149,10 @@ def tune_routers(
                 model, calib_ids if calib_ids is not None else train_ids[:4], cfg.target, cfg.target_unit)
         record["replacement_fit"] = fit_replacements(model, train_ids[: cfg.fit_sequences]) or None
     model.requires_grad_(False)
-    params = router_parameters(model)
-    for p in params:
+    for p in router_parameters(model):
         p.requires_grad_(True)
     model.train()  # dropout is 0 in every supported config
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
     ddp_model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     state = routing_state(model)
