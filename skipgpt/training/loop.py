@@ -216,7 +216,8 @@ def _set_learning_rates(optimizer: Any, scheduler: Any, wanted: list[float]) -> 
 
 
 def _lrs(values: list[float]) -> str:
-    return ", ".join(f"{v:g}" for v in values)
+    """Each distinct rate once: parameter groups that differ only in weight decay share one."""
+    return ", ".join(f"{v:g}" for v in dict.fromkeys(values))
 
 
 def _log_lines_before(log_path: Path, step: int) -> list[str]:
