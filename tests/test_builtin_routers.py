@@ -19,6 +19,7 @@ def test_builtin_names_resolve_to_files_shipped_in_the_package(name):
     assert (directory / CONFIG_NAME).is_file() and (directory / WEIGHTS_NAME).is_file()
     config = read_router_config(name)
     assert config["router"]["model_type"] == "llama" and config["router"]["num_layers"] == 30
+    assert config["router"]["base_model"] == "smollm2-135m"  # the builtin name, not a path of the machine that tuned it
     assert config["command"].startswith("skipgpt tune ")  # how it was made, to reproduce it
     target = config["training"]["target"]
     assert abs(target - int(name[-2:]) / 100) < 0.05

@@ -354,7 +354,6 @@ def test_bf16_autocast_option_trains_float32_routers(tmp_path):
     assert all(p.dtype == torch.float32 for p in router_parameters(model))
 
 
-
 def test_weight_decay_shrinks_the_router_weight_matrices_only(tmp_path):
     """One AdamW step with and without decay from the same start: only the decision layers'
     weight matrices differ, by exactly lr x decay x their start (biases and replacements carry
