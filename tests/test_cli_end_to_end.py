@@ -146,14 +146,16 @@ def test_calibrate_retargets_trained_routers_without_training(workspace, tmp_pat
     after = load_file(str(again / "routers.safetensors"))
     assert before.keys() == after.keys() and all((before[k] == after[k]).all() for k in before)  # weights untouched
     assert main(["calibrate", *data, "--routers", str(routers), "--target", "1.5", "--out", str(tmp_path / "x")]) == 2
+    assert main(["calibrate", *data, "--routers", str(routers), "--target", "0.4", "--tolerance", "0", "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
     # In-domain: the start of a named set's validation split, never trained on.
     (tmp_path / "data" / "wikitext2").mkdir(parents=True)
     write_word_text(tmp_path / "data" / "wikitext2" / "wiki.valid.raw", 6000, seed=5)
     valid = tmp_path / "in_domain"
     assert main(["calibrate", "--model", str(workspace / "model"), "--data-dir", str(tmp_path / "data"), "--data", "wikitext2",
-                 "--split", "valid", "--routers", str(routers), "--target", "0.3", "--out", str(valid)]) == 0
+                 "--split", "valid", "--routers", str(routers), "--target", "0.3", "--tolerance", "0.01", "--out", str(valid)]) == 0
     record = json.loads((valid / "router_config.json").read_text())["recalibration"]
-    assert abs(record["ratio_after"] - 0.3) <= 0.02 and "WikiText-2" in record["calibration_text"]
+    assert abs(record["ratio_after"] - 0.3) <= 0.01 and record["tolerance"] == 0.01 and "WikiText-2" in record["calibration_text"]
     assert record["calibration_text"].startswith("4096 tokens") and "(valid split)" in record["calibration_text"]
     assert record["command"].startswith("skipgpt calibrate ") and "--split valid" in record["command"]
 

@@ -158,6 +158,18 @@ def test_calibration_hits_the_requested_ratio(unit, target):
     assert (result["threshold"] > 0) == (target > before)  # more threshold, more skipping
 
 
+def test_a_tighter_tolerance_searches_on_from_the_first_guess():
+    """The tolerance is the bisection's stopping rule: a loose one accepts the one-pass first guess,
+    a tight one bisects on and lands no farther from the target."""
+    model = attach_routers(tiny_model("llama"), RouterConfig(init_bias=0.0))
+    calib = random_ids(8, 128, seed=5)
+    loose = calibrate_threshold(model, calib, 0.2, tol=0.05)
+    tight = calibrate_threshold(model, calib, 0.2, tol=1e-4)
+    assert loose["threshold"] == loose["threshold_first_guess"] and abs(loose["ratio_after"] - 0.2) > 1e-4
+    assert tight["threshold"] != tight["threshold_first_guess"]
+    assert abs(tight["ratio_after"] - 0.2) < abs(loose["ratio_after"] - 0.2)
+
+
 def test_calibration_restores_the_gate_mode():
     model = attach_routers(tiny_model("llama"), RouterConfig(init_bias=0.0))
     set_gate_mode(model, "gumbel", tau=2.0)

@@ -89,6 +89,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="train",
                    help="train: the held-out tail of the training text, as tune calibrates; valid: the start of a named "
                         "set's validation split (in-domain calibration, e.g. --data wikitext2 --split valid)")
+    p.add_argument("--tolerance", type=float, default=0.003,
+                   help="stop once the calibration text's ratio is this close to --target (the bisection's resolution; "
+                        "the ratio on other text moves by more than this anyway)")
     p.add_argument("--out", required=True, help="new router directory (the input one is left as it is)")
     p.set_defaults(handler=cmd_calibrate)
 
@@ -162,6 +165,8 @@ def calibration_and_training(args: argparse.Namespace, tokenizer: Any, seq_len: 
 
 def cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     check_target(args.target)
+    if not 0 < args.tolerance <= 0.1:
+        raise SkipGPTError(f"--tolerance {args.tolerance} is outside (0, 0.1]: it is how close to --target the ratio must get, e.g. 0.001")
     out = Path(args.out)
     if (out / CONFIG_NAME).exists():
         raise SkipGPTError(f"{out} already holds routers; pick another --out")
@@ -179,7 +184,7 @@ def cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     result = recalibrate(model, args.routers, calib_ids, args.target, args.target_unit, out,
                          note=f"{calib_ids.numel()} tokens of {source.description} ({args.split} split)"
                               + (f", with the LoRA adapter of {args.adapter}" if args.adapter else ""),
-                         command=args.command_line)
+                         command=args.command_line, tol=args.tolerance)
     if args.adapter:
         copy_adapter(args.adapter, out)
     print(table(["field", "value"], [("routers", str(out)), ("ratio before", pct(result["ratio_before"])),

@@ -98,13 +98,13 @@ def calibrate_threshold(
 
 
 def recalibrate(model: torch.nn.Module, router_dir: str | Path, sequences: torch.Tensor, target: float, unit: str,
-                out: str | Path, note: str = "", command: str = "") -> dict[str, float | str]:
+                out: str | Path, note: str = "", command: str = "", tol: float = 0.003) -> dict[str, float | str]:
     """Re-target the routers loaded from ``router_dir`` (on ``model``) to ``target``: move only the
     threshold, and save them to ``out`` with the original record and the re-calibration; ``command``
     is the re-calibrating command line, kept beside the original's training command. ``model`` may
     carry a LoRA adapter (PEFT): the threshold is then the fine-tuned model's."""
-    result: dict[str, float | str] = {**calibrate_threshold(model, sequences, target, unit), "calibration_text": note,
-                                      "command": command}
+    result: dict[str, float | str] = {**calibrate_threshold(model, sequences, target, unit, tol=tol),
+                                      "tolerance": tol, "calibration_text": note, "command": command}
     previous = read_router_config(router_dir)
     extra = {k: v for k, v in previous.items() if k not in ("format", "version", "router")}
     base = model.get_base_model() if isinstance(model, PeftModel) else model
