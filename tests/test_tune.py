@@ -403,13 +403,45 @@ def test_budget_sizes_the_steps_and_a_resume_keeps_them(tmp_path, monkeypatch):
     assert results["tune"]["steps"] == budget["steps"] and results["tokens_trained"] == trained * 2 * 16
     assert len(read_log(tmp_path / "a")) == trained
 
-    interrupt_after(monkeypatch, 3 + 3)  # the probe's three micro-batches, then three steps
+    real_tau_at, calls = skipgpt.training.tune.tau_at, [0]
+
+    def interrupting_tau_at(*args, **kwargs):  # twice per training micro-batch, never by the probe
+        calls[0] += 1
+        if calls[0] > 2 * 3:
+            raise Interrupt
+        return real_tau_at(*args, **kwargs)
+
+    monkeypatch.setattr(skipgpt.training.tune, "tau_at", interrupting_tau_at)  # dies in the fourth step
     with pytest.raises(Interrupt):
         run(tmp_path / "b", budget_minutes=0.06, save_every=2)
     monkeypatch.undo()
     planned = checkpoint.load_trainer_state(checkpoint.find(tmp_path / "b"))["fingerprint"]["tune"]["steps"]
     _, resumed = run(tmp_path / "b", budget_minutes=0.06, save_every=2, resume=True)
     assert resumed["budget"]["resumed"] and resumed["tune"]["steps"] == planned
+
+
+@pytest.mark.parametrize("sleeps", [
+    [0.6, 0.4, 0.3] + [0.2] * 7,  # a warm-up longer than one micro-batch (bf16 on CPU: 8, 6, 6, 5 s, then 3.8)
+    [0.2, 1.0] + [0.2] * 8,  # a burst on a shared CPU
+], ids=["warm-up", "burst"])
+def test_the_budget_probe_waits_for_a_steady_pace(tmp_path, monkeypatch, sleeps):
+    """The probe must size the run on the pace training will keep: a slow start or one burst
+    must not shrink the schedule (a fixed one-batch warm-up and the mean of two did, by a third)."""
+    import time
+
+    real, calls = skipgpt.training.tune.routed_loss, [0]
+
+    def paced(*args, **kwargs):
+        calls[0] += 1
+        time.sleep(sleeps[calls[0] - 1] if calls[0] <= len(sleeps) else 0.0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(skipgpt.training.tune, "PROBE_SPREAD", 1.3)  # room for a slow CI's jitter on 0.2 s
+    monkeypatch.setattr(skipgpt.training.tune, "routed_loss", paced)
+    _, results = run(tmp_path, budget_minutes=0.1, save_every=100)
+    budget = results["budget"]
+    assert 0.2 <= budget["probe_step_s"] < 0.3  # the old probe: 0.35 (warm-up), 0.6 (burst)
+    assert len(budget["probe_micro_batch_s"]) >= 5
 
 
 def test_a_budget_too_small_for_one_step_is_refused(tmp_path):
