@@ -178,12 +178,13 @@ class Interrupt(KeyboardInterrupt):
     """A Ctrl-C that tests raise themselves."""
 
 
-def interrupt_tune_after(monkeypatch, calls: int) -> None:
-    """Make the (calls+1)-th micro-batch loss of router tuning raise :class:`Interrupt`, as a Ctrl-C
-    in the middle of a run would (checkpoints written so far are kept)."""
+def interrupt_tune_after(monkeypatch, calls: int, function: str = "routed_loss") -> None:
+    """Make the (calls+1)-th call of ``function`` in router tuning raise :class:`Interrupt`, as a
+    Ctrl-C in the middle of a run would (checkpoints written so far are kept). ``routed_loss`` runs
+    once per micro-batch, the budget probe's included; ``tau_at`` twice per training micro-batch only."""
     import skipgpt.training.tune
 
-    real, count = skipgpt.training.tune.routed_loss, [0]
+    real, count = getattr(skipgpt.training.tune, function), [0]
 
     def flaky(*args, **kwargs):
         count[0] += 1
@@ -191,4 +192,4 @@ def interrupt_tune_after(monkeypatch, calls: int) -> None:
             raise Interrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(skipgpt.training.tune, "routed_loss", flaky)
+    monkeypatch.setattr(skipgpt.training.tune, function, flaky)

@@ -18,7 +18,7 @@ from ..models import load_model
 from ..routing.adapters import get_adapter
 from ..routing.save_load import CONFIG_NAME, load_routers
 from ..routing.surgery import attach_routers
-from ..training.calibrate import recalibrate
+from ..training.calibrate import TOLERANCE, recalibrate
 from ..training.finetune import FinetuneConfig, copy_adapter, finetune
 from ..training.tune import tune_routers
 from .common import (
@@ -89,7 +89,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="train",
                    help="train: the held-out tail of the training text, as tune calibrates; valid: the start of a named "
                         "set's validation split (in-domain calibration, e.g. --data wikitext2 --split valid)")
-    p.add_argument("--tolerance", type=float, default=0.003,
+    p.add_argument("--tolerance", type=float, default=TOLERANCE,
                    help="stop once the calibration text's ratio is this close to --target (the bisection's resolution; "
                         "the ratio on other text moves by more than this anyway)")
     p.add_argument("--out", required=True, help="new router directory (the input one is left as it is)")
@@ -166,7 +166,8 @@ def calibration_and_training(args: argparse.Namespace, tokenizer: Any, seq_len: 
 def cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     check_target(args.target)
     if not 0 < args.tolerance <= 0.1:
-        raise SkipGPTError(f"--tolerance {args.tolerance} is outside (0, 0.1]: it is how close to --target the ratio must get, e.g. 0.001")
+        raise SkipGPTError(f"--tolerance {args.tolerance} is outside (0, 0.1]: it is how close to --target the "
+                           "calibration text's ratio must get, e.g. 0.001")
     out = Path(args.out)
     if (out / CONFIG_NAME).exists():
         raise SkipGPTError(f"{out} already holds routers; pick another --out")

@@ -29,6 +29,11 @@ def achieved_ratio(model: torch.nn.Module, sequences: torch.Tensor, unit: str, b
     return float(meter.summary()[key])
 
 
+# Stop bisecting once the calibration text's ratio is this close to the target: finer than the
+# ratio carries over to other text, so the default; `calibrate --tolerance` tightens it.
+TOLERANCE = 0.003
+
+
 @torch.no_grad()
 def _first_guess(model: torch.nn.Module, sequences: torch.Tensor, target: float, unit: str, batch_size: int) -> tuple[float, float]:
     """(ratio at the current threshold, threshold that would hit the target if decisions
@@ -56,7 +61,7 @@ def calibrate_threshold(
     target: float,
     unit: str = "params",
     *,
-    tol: float = 0.003,
+    tol: float = TOLERANCE,
     max_iters: int = 12,
     batch_size: int = 1,
 ) -> dict[str, float]:
@@ -98,7 +103,7 @@ def calibrate_threshold(
 
 
 def recalibrate(model: torch.nn.Module, router_dir: str | Path, sequences: torch.Tensor, target: float, unit: str,
-                out: str | Path, note: str = "", command: str = "", tol: float = 0.003) -> dict[str, float | str]:
+                out: str | Path, note: str = "", command: str = "", tol: float = TOLERANCE) -> dict[str, float | str]:
     """Re-target the routers loaded from ``router_dir`` (on ``model``) to ``target``: move only the
     threshold, and save them to ``out`` with the original record and the re-calibration; ``command``
     is the re-calibrating command line, kept beside the original's training command. ``model`` may

@@ -81,10 +81,10 @@ def _size_to_budget(model: torch.nn.Module, train_ids: torch.Tensor, calib_ids: 
     replacement fit took 7.8 and 5.9 s under bf16 autocast, then 3.5-3.8 s (training steps 3.7-4.3
     s), and 14.9 and 7.6 s in fp32, then 5.8-6.1 s: one untimed micro-batch and the mean of the
     next two over-timed the step by 12-25 %, once by 60 % (an hour sized to 560 steps where 750
-    fit). Waiting for a steady pace also keeps a burst on a shared CPU out of the estimate. The probe sizes the τ
-    schedule; the stop time holds the budget when the machine slows down later. A resumed run keeps
-    the step count it was started with, since the τ schedule and the data order depend on it, and
-    finishes that schedule without a stop time.
+    fit). Waiting for a steady pace also keeps a burst on a shared CPU out of the estimate. The
+    probe sizes the τ schedule; the stop time holds the budget when the machine slows down later.
+    A resumed run keeps the step count it was started with, since the τ schedule and the data
+    order depend on it, and finishes that schedule without a stop time.
     """
     saved = checkpoint.find(out) if resume else None
     if saved is not None:
