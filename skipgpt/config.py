@@ -36,7 +36,7 @@ class RouterConfig(JsonConfig):
     ``init_bias`` +3 (start from the dense model) beat a random start and a static-cut seed on
     SmolLM2 (docs/small-budget.md). ``input_norm``: the raw residual stream's scale varies by
     orders of magnitude across layers, so a parameter-free RMS normalisation lets one learning
-    rate suit every router (METHOD.md's small-budget measurements favour it; not re-ablated here).
+    rate suit every router (docs/method-choices.md, "Routers"; not re-ablated here).
     """
 
     router: RouterKind = "linear"
@@ -148,8 +148,10 @@ class TuneConfig(JsonConfig):
     # routed residual stream's squared error to the dense one, relative to the dense one's power.
     hidden_distill: float = 0.0
     # Training sequences on which replacements (RouterConfig.replacement) are fitted to the dense
-    # modules before tuning starts.
-    fit_sequences: int = 32
+    # modules before tuning starts. None: enough of seq_len for max(8192, 4 × hidden size) tokens,
+    # at least 32 (skipgpt.training.replacements.fit_sequence_count): a d-dimensional regression
+    # on fewer tokens than d is mostly its ridge term.
+    fit_sequences: int | None = None
     # KL to the frozen dense model beat the paper's next-token NLL by 4x in perplexity at the same
     # CPU budget (docs/small-budget.md), so it is the default; "nll" is the paper's recipe.
     loss: Literal["nll", "kl"] = "kl"
@@ -187,6 +189,6 @@ class TuneConfig(JsonConfig):
             if getattr(self, name) < 0:
                 raise SkipGPTError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "save_every", "fit_sequences"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SkipGPTError(f"{name} must be at least 1, got {getattr(self, name)}")
         self.betas = tuple(self.betas)  # JSON gives a list back

@@ -38,6 +38,7 @@ try:  # transformers >= 5.17 may keep GGUF weights packed unless told to dequant
 except ImportError:  # older versions always dequantize GGUF files
     GgufConfig = None
 
+from .devices import checkpoint_dtype, resolve_dtype, runs_on_cpu
 from .errors import SkipGPTError
 from .routing.save_load import CONFIG_NAME, load_routers
 
@@ -122,25 +123,51 @@ def resolve_model_source(name_or_path: str) -> SourceKind:
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     *,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device | None = "cpu",
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[int | str, str] | None = None,
+    offload_folder: str | Path | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM in eval mode on ``device`` in ``dtype``, with its tokenizer.
+
+    ``dtype="auto"`` is the checkpoint's own dtype on an accelerator and float32 on a CPU
+    (:func:`skipgpt.devices.resolve_dtype`). ``device_map`` ("auto", "balanced", ... or a dict)
+    loads through accelerate's big-model loading instead of ``.to(device)``: the model is spread
+    over the GPUs (within ``max_memory``), offloading what does not fit to the CPU or to
+    ``offload_folder``.
 
     The first use of a builtin model downloads and converts it (about half a minute); after
     that it loads from :func:`cache_dir`.
     """
     path, kwargs = _pretrained_args(name_or_path)
+    where = None if device_map is not None else device
+    # Only an accelerator's "auto" reads the checkpoint's dtype (a GGUF's config costs a file parse).
+    needs_config = dtype == "auto" and not runs_on_cpu(where)
+    config = _from_pretrained(AutoConfig, name_or_path, path, **kwargs) if needs_config else None
+    dtype = resolve_dtype(dtype, where, config)
+    placement: dict[str, Any] = {}
+    if device_map is not None:
+        placement = {"device_map": device_map, "max_memory": max_memory,
+                     "offload_folder": None if offload_folder is None else str(offload_folder)}
     if "gguf_file" in kwargs:
-        model = _load_gguf_model(Path(path) / kwargs["gguf_file"], dtype)
+        model = _load_gguf_model(Path(path) / kwargs["gguf_file"], dtype, **placement)
     else:
-        model = _from_pretrained(AutoModelForCausalLM, name_or_path, path, dtype=dtype, **kwargs)
-    model.to(device).eval()
+        model = _from_pretrained(AutoModelForCausalLM, name_or_path, path, dtype=dtype, **kwargs, **placement)
+    if device_map is None:
+        model.to(device)
+    model.eval()
     if name_or_path in BUILTIN_MODELS:
         model.skipgpt_builtin = name_or_path  # builtin router sets load onto this model only
     if "gguf_file" not in kwargs and (Path(path) / CONFIG_NAME).is_file():
         load_routers(model, path)  # a directory written by `skipgpt export` carries its routers
     return model, _load_tokenizer_from(name_or_path, path, kwargs, model.config)
+
+
+def saved_dtype(name_or_path: str) -> torch.dtype:
+    """The dtype the checkpoint was saved in (float32 where it does not say, as for GGUF files)."""
+    path, kwargs = _pretrained_args(name_or_path)
+    return checkpoint_dtype(_from_pretrained(AutoConfig, name_or_path, path, **kwargs)) or torch.float32
 
 
 def load_tokenizer(name_or_path: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
@@ -226,7 +253,7 @@ def _hub_location(repo_id: str) -> str:
         ) from e
 
 
-def _load_gguf_model(gguf_path: Path, dtype: torch.dtype) -> PreTrainedModel:
+def _load_gguf_model(gguf_path: Path, dtype: torch.dtype, **placement: Any) -> PreTrainedModel:
     """Load a GGUF file as a plain dense model.
 
     Since 5.17, transformers by default keeps the weights in GGUF blocks where it has kernels
@@ -241,6 +268,7 @@ def _load_gguf_model(gguf_path: Path, dtype: torch.dtype) -> PreTrainedModel:
         gguf_file=gguf_path.name,
         dtype=dtype,
         **extra,
+        **placement,
     )
 
 

@@ -40,6 +40,16 @@ def arch(request) -> str:
     return request.param
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def device() -> str:
+    """Where the device-aware tests run: the GPU when there is one (benchmarks/gpu_check.sh runs
+    them there), else the CPU. A test that takes this fixture must pass on both."""
+    return DEVICE
+
+
 # ---------------------------------------------------------------------------------------------
 # Helpers shared by the test modules (import them with ``from conftest import ...``).
 
@@ -96,7 +106,7 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 WORDS = [f"w{i}" for i in range(TINY["vocab_size"] - 2)]
 
 
-def save_tiny_model_dir(path: Path, model_type: str = "llama") -> Path:
+def save_tiny_model_dir(path: Path, model_type: str = "llama", **overrides) -> Path:
     """A tiny model with a word-level tokenizer, saved as a normal HF directory, so the CLI
     (which loads models by path) runs end to end with no download."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -107,7 +117,7 @@ def save_tiny_model_dir(path: Path, model_type: str = "llama") -> Path:
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
     tokenizer.save_pretrained(path)
-    tiny_model(model_type).save_pretrained(path)
+    tiny_model(model_type, **overrides).save_pretrained(path)
     return path
 
 

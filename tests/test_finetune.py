@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import base_parameters, random_ids, router_tensors, save_tiny_model_dir, tiny_model
+from conftest import base_parameters, left_padded, random_ids, router_tensors, save_tiny_model_dir, tiny_model
 from transformers import AutoModelForCausalLM
 
 import skipgpt.training.finetune
@@ -174,3 +174,38 @@ def test_bf16_autocast_trains_float32_lora_and_replacements(tmp_path):
     assert results["finetune"]["bf16"] and torch.isfinite(torch.tensor(results["last_step"]["loss"]))
     trained = [p for p in peft_model.parameters() if p.requires_grad]
     assert trained and all(p.dtype == torch.float32 for p in trained)
+
+
+@pytest.mark.parametrize("kv_policy", ["keep", "drop"])
+def test_stage_2_trains_through_the_skipping_path_with_the_masked_gradients(arch, kv_policy, device):
+    """Frozen argmax decisions: gathering the executing tokens is differentiable, so stage 2 runs
+    only what executes and its LoRA and replacement gradients equal the masked computation's."""
+    model = attach_routers(tiny_model(arch), RouterConfig(init_bias=0.0, kv_policy=kv_policy)).to(device)
+    for name, p in model.named_parameters():
+        if "skip_routers" in name and p.dim() == 2 and p.shape[0] == 2:
+            torch.nn.init.normal_(p, std=1.0)
+    peft_model = skipgpt.training.finetune.add_lora(model, FinetuneConfig(lora_r=4))
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)  # LoRA's B starts at zero: give every path a gradient
+        if ".replacement." in name:
+            p.requires_grad_(True)
+    ids, mask = (t.to(device) for t in left_padded())
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, 1:][mask[:, :-1] == 0] = -100  # padding runs nothing when skipping: score real inputs only
+    state = routing_state(model)
+    state.mode = "argmax"
+    grads, losses = {}, {}
+    for skip in (True, False):
+        state.skip_compute = skip
+        peft_model.zero_grad(set_to_none=True)
+        out = peft_model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
+        out.loss.backward()
+        losses[skip] = out.loss.detach()
+        grads[skip] = {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.grad is not None}
+    gates = state.stacked_gates()[:, mask.bool()]
+    assert 0.2 < float(gates.mean()) < 0.8  # real skipping
+    assert torch.allclose(losses[True], losses[False], rtol=1e-5)
+    assert grads[True].keys() == grads[False].keys() and any(".replacement." in n for n in grads[True])
+    for name, grad in grads[False].items():
+        assert torch.allclose(grads[True][name], grad, atol=1e-6, rtol=1e-4), name

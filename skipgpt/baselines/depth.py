@@ -18,9 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..devices import input_device
 from ..routing.adapters import KINDS, get_adapter
 from ..routing.surgery import attach_routers, detach_routers
 from ..training.importance import module_importance
+from ..training.losses import sequence_nll
 from .registry import StaticMethod, register
 from .structure import (
     PrunePlan,
@@ -33,7 +35,7 @@ from .structure import (
 
 
 def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    return input_device(model)
 
 
 def _layer_counts(model: nn.Module) -> torch.Tensor:
@@ -91,8 +93,7 @@ def calibration_nll(model: nn.Module, calib_ids: torch.Tensor) -> float:
     total, n = 0.0, 0
     for seq in calib_ids:
         seq = seq[None].to(_device(model))
-        logits = model(input_ids=seq, use_cache=False).logits[:, :-1].float()
-        total += F.cross_entropy(logits.flatten(0, 1), seq[:, 1:].flatten(), reduction="sum").item()
+        total += sequence_nll(model, seq, reduction="sum").item()
         n += seq.shape[1] - 1
     return total / n
 
@@ -166,8 +167,7 @@ def prune_shortened_taylor(model: nn.Module, calib_ids: torch.Tensor, ratio: flo
     try:
         for seq in tqdm(calib_ids, desc="Taylor importance", leave=False):
             seq = seq[None].to(_device(model))
-            logits = model(input_ids=seq, use_cache=False).logits[:, :-1].float()
-            F.cross_entropy(logits.flatten(0, 1), seq[:, 1:].flatten()).div(len(calib_ids)).backward()
+            sequence_nll(model, seq).div(len(calib_ids)).backward()
         for i, layer in enumerate(layers):  # the sum over samples, then |w·g| per weight, as Kim et al.
             score[i] = sum((p * p.grad).abs().sum().double().item() for p in layer.parameters() if p.grad is not None)
     finally:

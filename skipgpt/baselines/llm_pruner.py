@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ..errors import SkipGPTError
 from ..routing.adapters import get_adapter
+from ..training.losses import sequence_nll
 from .registry import StaticMethod, register
 from .structure import PrunePlan, decoder_parameter_count
 from .width import ATTN_IN, ATTN_OUT, LLAMA_FAMILY, MLP_IN, MLP_OUT, check_model, device_of, finish, shrink_linear, total_params
@@ -83,7 +84,7 @@ def taylor_group_importance(
         n = calib_ids.shape[0]
         for batch in tqdm(calib_ids.split(batch_size), desc="LLM-Pruner gradients", leave=False):
             batch = batch.to(device_of(model))
-            loss = model(input_ids=batch, labels=batch, use_cache=False).loss * (batch.shape[0] / n)
+            loss = sequence_nll(model, batch) * (batch.shape[0] / n)
             loss.backward()
         result = {}
         with torch.no_grad():

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..devices import input_device
 from ..errors import SkipGPTError
 from ..routing.adapters import get_adapter
 from ..routing.surgery import has_routers
@@ -29,7 +30,7 @@ MLP_IN, MLP_OUT = ("gate_proj", "up_proj"), "down_proj"
 
 
 def device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    return input_device(model)
 
 
 def check_model(model: nn.Module, method: str, types_ok: tuple[str, ...]) -> None:

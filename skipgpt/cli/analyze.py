@@ -8,10 +8,9 @@ from typing import Any
 
 from ..data import load_source
 from ..errors import SkipGPTError
-from ..models import load_model
 from .common import (
-    DTYPES,
     data_dir_arg,
+    load_from_args,
     model_args,
 )
 
@@ -75,7 +74,7 @@ def cmd_analyze(args: argparse.Namespace) -> dict[str, Any]:
         router_dirs = [d for d in (args.routers or "").split(",") if d]
         figures.check_router_sets(args.kind, router_dirs, carries_routers=(Path(args.model) / "router_config.json").is_file())
         text, description = _analysis_text(args)
-        load = lambda: load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)  # noqa: E731
+        load = lambda: load_from_args(args)  # noqa: E731
         result = figures.routed_analysis(
             args.kind, args.model, load, router_dirs, text, description,
             seq_len=args.seq_len or (48 if args.kind in ("cosine", "routing") else 1024),

@@ -14,10 +14,9 @@ from ..errors import SkipGPTError
 from ..evaluation import zeroshot_tasks
 from ..evaluation.report import pct, table
 from ..lock import output_lock
-from ..models import load_model
 from .common import (
-    DTYPES,
     data_dir_arg,
+    load_from_args,
     model_args,
 )
 from .train import calibration_and_training
@@ -64,7 +63,7 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     if (out / PLAN_NAME).exists():
         raise SkipGPTError(f"{out} already holds a pruned model; pick another --out or delete it")
-    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    model, tokenizer = load_from_args(args)
     source, _, calib_ids = calibration_and_training(args, tokenizer, TuneConfig.seq_len)
     plan = method.prune(model, calib_ids, args.ratio)
     plan.extra["calibration"] = f"{calib_ids.shape[0]} x {calib_ids.shape[1]} held-out tokens of {source.description}"
@@ -91,11 +90,11 @@ def cmd_compare(args: argparse.Namespace) -> dict[str, Any]:
     if cfg.tasks:
         zeroshot_tasks.find_task_files(list(cfg.tasks), args.data_dir)
     with output_lock(Path(args.out), "skipgpt compare"):  # finished rows stay whatever fails later
-        model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+        model, tokenizer = load_from_args(args)
         source, train_ids, calib_ids = calibration_and_training(args, tokenizer, cfg.tune.seq_len)
         del model
         inputs = Inputs(
-            fresh_model=lambda: load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)[0],
+            fresh_model=lambda: load_from_args(args)[0],
             tokenizer=tokenizer, train_ids=train_ids, calib_ids=calib_ids, eval_texts=texts,
             data_note=source.description, model_name=args.model, data_dir=args.data_dir,
         )

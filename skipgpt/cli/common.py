@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from accelerate import Accelerator
 
 from ..baselines import load_pruned
 from ..config import RouterConfig, TuneConfig
 from ..data import DATA_DIR_ENV, data_dir
+from ..devices import DTYPE_CHOICES, parse_max_memory
 from ..errors import SkipGPTError
 from ..lock import output_lock
 from ..models import DEFAULT_MODEL, load_model
@@ -23,13 +25,41 @@ from ..training import checkpoint
 from ..training.finetune import load_adapter
 from ..training.tune import RESULTS_NAME
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="builtin name, local HF dir, .gguf file or hub id (default: %(default)s)")
-    p.add_argument("--dtype", default="float32", choices=DTYPES)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="auto (default): the checkpoint's own dtype (bf16 for most LLMs) on a GPU, float32 on a CPU, where "
+                        "half-precision matmuls are fast only on processors with AVX-512 BF16 or AMX; routers, replacements "
+                        "and LoRA keep float32 weights and routers decide in float32 whatever the model's dtype")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the model runs (under accelerate launch: each process's own device)")
+    p.add_argument("--device-map", default=None,
+                   help="spread a model that does not fit one device over several (accelerate big-model loading): "
+                        "auto, balanced, balanced_low_0 or sequential; overrides --device")
+    p.add_argument("--max-memory", default=None, help="with --device-map: per-device limits, e.g. 0=70GiB,1=70GiB,cpu=200GiB")
+    p.add_argument("--offload-folder", default=None, help="with --device-map: where weights that fit no device are offloaded")
+
+
+def load_from_args(args: argparse.Namespace, **overrides: Any) -> tuple[Any, Any]:
+    """The model and tokenizer a command's model options name, placed as they say.
+
+    Under ``accelerate launch`` each process loads onto its own device: the ``Accelerator`` is
+    created here, before the model (with the launcher's settings, ``ACCELERATE_USE_CPU``
+    included), never ``--device``'s ``cuda``, which is every process's cuda:0.
+    """
+    device_map = getattr(args, "device_map", None)
+    if args.max_memory and device_map is None:
+        raise SkipGPTError("--max-memory limits what --device-map puts on each device: add --device-map auto")
+    device = args.device
+    state = Accelerator()  # the training stages' own Accelerator() finds this state
+    if state.num_processes > 1:
+        if device_map is not None:
+            raise SkipGPTError("--device-map spreads one model over the GPUs inside one process; under accelerate "
+                               "launch each process holds a whole model. Use one or the other (docs/scale.md)")
+        device = state.device
+    options = {"dtype": args.dtype, "device": device, "device_map": device_map,
+               "max_memory": parse_max_memory(args.max_memory), "offload_folder": args.offload_folder}
+    return load_model(args.model, **{**options, **overrides})
 
 
 def data_dir_arg(p: argparse.ArgumentParser) -> None:
@@ -71,7 +101,8 @@ def tune_args(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--replacement-rank", type=int, default=RouterConfig.replacement_rank,
                    help="rank of --replacement lowrank (default: %(default)s)")
     p.add_argument("--fit-sequences", type=int, default=d.fit_sequences,
-                   help="training sequences the replacements are fitted on before tuning")
+                   help="training sequences the replacements are fitted on before tuning (default: enough of --seq-len "
+                        "for max(8192, 4 x hidden size) tokens, at least 32)")
     p.add_argument("--router", choices=["linear", "mlp"], default=RouterConfig.router)
     p.add_argument("--init", choices=["execute", "importance"], default=RouterConfig.init,
                    help="start from the dense model, or from the static module cut by Block Influence")
@@ -137,7 +168,7 @@ def writing(out: Path, args: argparse.Namespace) -> Iterator[None]:
 
 def routed_model(args: argparse.Namespace) -> tuple[Any, Any]:
     """The base model with ``--routers`` and ``--adapter`` applied, as eval and generate take them."""
-    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    model, tokenizer = load_from_args(args)
     if getattr(args, "pruned", None):  # analyze takes no --pruned
         if args.routers:
             raise SkipGPTError("--pruned and --routers are separate methods; give one of them")

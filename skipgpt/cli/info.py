@@ -12,14 +12,13 @@ from ..data import data_dir
 from ..evaluation.perplexity import evaluate_sets
 from ..evaluation.report import pct, ppl_rows, table
 from ..files import write_json
-from ..models import load_model
 from ..routing.save_load import load_routers
 from ..routing.surgery import describe_model, detach_routers
 from ..training import checkpoint
 from ..training.tune import RESULTS_NAME
 from .common import (
-    DTYPES,
     data_dir_arg,
+    load_from_args,
     model_args,
     tune_args,
 )
@@ -42,7 +41,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
-    model, _ = load_model(args.model, dtype=DTYPES[args.dtype], device="cpu")
+    model, _ = load_from_args(args, device="cpu", device_map=None)
     info = {"model": args.model, **describe_model(model)}
     print(table(["field", "value"], list(info.items())))
     return info
@@ -58,7 +57,7 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(out)
     args.resume = checkpoint.find(out) is not None
     tuned = run_tune(args, train)
-    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    model, tokenizer = load_from_args(args)
     evaluate = lambda label: evaluate_sets(  # noqa: E731
         model, tokenizer, evals, split="test", data_dir=args.data_dir, seq_len=1024, batch_size=1,
         max_windows=args.eval_windows or None, label=label)

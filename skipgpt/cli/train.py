@@ -14,7 +14,6 @@ from ..config import RouterConfig, TuneConfig, check_target
 from ..data import load_source, tokenize, training_sequences
 from ..errors import SkipGPTError
 from ..evaluation.report import pct, table
-from ..models import load_model
 from ..routing.adapters import get_adapter
 from ..routing.save_load import CONFIG_NAME, load_routers
 from ..routing.surgery import attach_routers
@@ -22,9 +21,9 @@ from ..training.calibrate import TOLERANCE, recalibrate
 from ..training.finetune import FinetuneConfig, copy_adapter, finetune
 from ..training.tune import tune_routers
 from .common import (
-    DTYPES,
     check_output,
     data_dir_arg,
+    load_from_args,
     default_train_data,
     model_args,
     routed_model,
@@ -103,7 +102,7 @@ def run_tune(args: argparse.Namespace, data: str) -> dict[str, Any]:
     with writing(out, args):
         check_output(out, args.resume)
         source = load_source(data, "train", args.data_dir)
-        model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+        model, tokenizer = load_from_args(args)
         get_adapter(model)
         train_ids, calib_ids = training_sequences(tokenizer, source.documents, tune_cfg.seq_len, tune_cfg.calib_sequences, tune_cfg.calib_seq_len)
         print(f"skipgpt: tuning routers on {source.description}: {train_ids.shape[0]} sequences of {tune_cfg.seq_len} tokens"
@@ -141,7 +140,7 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
     with writing(out, args):
         check_output(out, args.resume)
         source = load_source(default_train_data(args), "train", args.data_dir)
-        model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+        model, tokenizer = load_from_args(args)
         if args.routers:
             load_routers(model, args.routers)
         elif args.joint:

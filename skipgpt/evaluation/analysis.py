@@ -25,6 +25,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from ..data import tokenize
+from ..devices import input_device
 from ..errors import SkipGPTError
 from ..routing.save_load import CONFIG_NAME, read_router_config
 from ..routing.save_load import router_dir as resolve_router_dir
@@ -75,7 +76,7 @@ def text_sequences(tokenizer: Any, text: str, seq_len: int, num_seqs: int = 1, o
 
 
 def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    return input_device(model)
 
 
 @contextlib.contextmanager

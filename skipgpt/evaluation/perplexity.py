@@ -1,6 +1,6 @@
 """Token-level perplexity by one protocol for dense, routed and pruned models.
 
-Protocol (METHOD.md): tokenise the whole joined test text with no special tokens (no BOS),
+Protocol (docs/method-choices.md, "Perplexity protocol"): tokenise the whole joined test text with no special tokens (no BOS),
 cut it into non-overlapping windows of ``seq_len`` tokens (the tail shorter than a window is
 dropped), and average the next-token NLL over every scored token: each window's first token
 is context only, so ``windows × (seq_len − 1)`` tokens are scored.
@@ -14,12 +14,13 @@ import time
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data import load_source, tokenize
+from ..devices import input_device
 from ..errors import SkipGPTError
 from ..routing.surgery import gate_mode, has_routers, measure_sparsity
+from ..training.losses import sequence_nll
 
 BOS_NOTE = "no BOS; windows cut from one token stream, first token of each window unscored"
 
@@ -47,7 +48,7 @@ def perplexity(
 ) -> dict[str, Any]:
     """Perplexity of ``text``; routed models use argmax routing and report their sparsity."""
     windows = windows_of(tokenize(tokenizer, text), seq_len, max_windows)
-    device = next(model.parameters()).device
+    device = input_device(model)
     routed = has_routers(model)
     total_nll, scored = 0.0, 0
     start = time.perf_counter()
@@ -58,8 +59,7 @@ def perplexity(
             meter = stack.enter_context(measure_sparsity(model))
         for batch in tqdm(windows.split(batch_size), desc=desc, disable=not progress, unit="batch"):
             batch = batch.to(device)
-            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-            total_nll += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
+            total_nll += sequence_nll(model, batch, reduction="sum").item()  # chunked: no [B, T, V] logits
             scored += batch[:, 1:].numel()
         sparsity = meter.summary() if meter is not None else None
     nll = total_nll / scored

@@ -24,13 +24,20 @@ which turns the gate into saved work:
 ``keep`` works with any Hugging Face cache and therefore with ``model.generate``; ``drop`` needs
 :class:`DroppedKVCache` (``skipgpt.generate`` passes one; see kv.py). Branches in which every token
 executes take the model's own code path unchanged, so "nothing skipped" costs only the routers.
+
+Which tokens execute decides the shapes of everything gathered, and a shape is a host value. Reading
+one from the device stalls the stream until the device has caught up, so each routed module reads
+its decisions once (:class:`Decisions`), derives every index, count and layout from that host copy,
+and sends the indices back in copies that do not wait for the device (``tests/test_host_sync.py``).
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -42,42 +49,109 @@ SUPPORTED_ATTENTION = ("sdpa", "eager")
 KV_POLICIES = ("keep", "drop")
 
 
+@dataclass(eq=False, slots=True)
+class Decisions:
+    """One routed module's decisions in this forward, on the host: bool [B, T] arrays of the
+    tokens that execute (never padding) and of the real ones (None: all), and the flat indices
+    of the executing tokens, all from a single device-to-host read (:meth:`read`).
+    """
+
+    execute: np.ndarray
+    real: np.ndarray | None
+    executing: np.ndarray
+
+    @classmethod
+    def read(cls, execute: torch.Tensor, real: torch.Tensor | None) -> Decisions:
+        """The module's one host read; under padding the real-token mask travels in the same copy."""
+        if real is None:
+            execute_host, real_host = _to_host(execute), None
+        else:
+            execute_host, real_host = _to_host(torch.stack((execute, real)))
+        return cls(execute_host, real_host, _where(execute_host))
+
+    @property
+    def all_execute(self) -> bool:
+        """Every token executes: the branch can run the model's own code."""
+        return self.executing.size == self.execute.size
+
+    @property
+    def skipping(self) -> np.ndarray:
+        """The real tokens that do not execute: they get the replacement."""
+        return ~self.execute if self.real is None else self.real & ~self.execute
+
+
+def _where(flags: np.ndarray) -> np.ndarray:
+    """Flat indices of the set flags: ``np.flatnonzero`` without its Python wrappers, which cost
+    more than the work itself at a decode step's sizes (this runs per module and token)."""
+    return flags.ravel().nonzero()[0]
+
+
+def _to_host(flags: torch.Tensor) -> np.ndarray:
+    """The device-to-host read of a module's decisions: the one stall per routed module, in one
+    place so that ``tests/test_host_sync.py`` can count it (on a CPU it is no profiler op)."""
+    return flags.cpu().numpy()
+
+
+def _upload(device: torch.device, *arrays: np.ndarray) -> list[torch.Tensor]:
+    """Host index arrays as int64 tensors of the same shapes on ``device``.
+
+    On a CPU each is copied into torch's own memory, nothing to wait for: packing and splitting
+    would only add host work to every module of every decode step, and the gathers of a decode
+    step ran measurably slower (about 10 µs each) on tensors that borrow numpy's memory.
+    Elsewhere they travel in one copy; on CUDA from pinned memory without blocking, since a copy
+    from pageable memory waits for the work already queued (a second stall per module). The
+    caching host allocator keeps the pinned buffer until the copy has run.
+    """
+    if device.type == "cpu":
+        return [torch.from_numpy(a.astype(np.int64, copy=False)).clone() for a in arrays]
+    packed = torch.from_numpy(np.concatenate([a.ravel() for a in arrays]).astype(np.int64, copy=False))
+    pinned = device.type == "cuda"
+    packed = (packed.pin_memory() if pinned else packed).to(device, non_blocking=pinned)
+    return [part.view(a.shape) for part, a in zip(packed.split([a.size for a in arrays]), arrays)]
+
+
+def _scattered(hidden: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """A zero update shaped like ``hidden`` holding the rows of ``out`` at flat token ``index``."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    return torch.zeros_like(flat).index_copy_(0, index, out.to(flat.dtype)).view_as(hidden)
+
+
 def skip_branch(
     kind: str, norm: nn.Module, module: nn.Module, post_norm: nn.Module | None,
-    hidden: torch.Tensor, execute: torch.Tensor, kwargs: dict[str, Any], kv_policy: str = "keep",
+    hidden: torch.Tensor, decisions: Decisions, kwargs: dict[str, Any], kv_policy: str = "keep",
     window: int | None = None,
 ) -> torch.Tensor | None:
     """The residual update of one branch, computed for executing tokens only.
 
-    ``execute`` is a bool [B, T]; ``window`` the attention's sliding window, if any. Returns None
-    where the branch leaves the stream unchanged.
+    ``window`` is the attention's sliding window, if any. Returns None where the branch leaves
+    the stream unchanged.
     """
     if kind == "mlp":
-        return _mlp_update(norm, module, post_norm, hidden, execute)
+        return _mlp_update(norm, module, post_norm, hidden, decisions)
     if kv_policy == "drop":
-        return _attention_update_drop(norm, module, post_norm, hidden, execute, kwargs, window)
-    return _attention_update(norm, module, post_norm, hidden, execute, kwargs, window)
+        return _attention_update_drop(norm, module, post_norm, hidden, decisions, kwargs, window)
+    return _attention_update(norm, module, post_norm, hidden, decisions, kwargs, window)
 
 
 def _mlp_update(norm: nn.Module, mlp: nn.Module, post_norm: nn.Module | None,
-                hidden: torch.Tensor, execute: torch.Tensor) -> torch.Tensor | None:
-    index = execute.flatten().nonzero().squeeze(1)
-    if index.numel() == 0:
+                hidden: torch.Tensor, decisions: Decisions) -> torch.Tensor | None:
+    if decisions.executing.size == 0:
         return None
-    flat = hidden.reshape(-1, hidden.shape[-1])
-    out = mlp(norm(flat.index_select(0, index)))
+    (index,) = _upload(hidden.device, decisions.executing)
+    out = mlp(norm(hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)))
     if post_norm is not None:
         out = post_norm(out)
-    return torch.zeros_like(flat).index_copy_(0, index, out.to(flat.dtype)).view_as(hidden)
+    return _scattered(hidden, index, out)
 
 
-def replace_skipped(replacement: nn.Module, hidden: torch.Tensor, skipping: torch.Tensor,
+def replace_skipped(replacement: nn.Module, hidden: torch.Tensor, decisions: Decisions,
                     update: torch.Tensor | None) -> torch.Tensor | None:
     """Add what skipping tokens get instead of the module (its :class:`~skipgpt.routing.routers.Replacement`),
     computed on the gathered skipping tokens only; padding gets nothing."""
-    index = skipping.flatten().nonzero().squeeze(1)
-    if index.numel() == 0:
+    skipping = _where(decisions.skipping)
+    if skipping.size == 0:
         return update
+    (index,) = _upload(hidden.device, skipping)
     flat = hidden.reshape(-1, hidden.shape[-1])
     out = replacement(flat.index_select(0, index))
     base = torch.zeros_like(flat) if update is None else update.reshape(flat.shape)
@@ -114,7 +188,7 @@ def _query_mask(attn: nn.Module, mask: torch.Tensor | None, rows: torch.Tensor, 
     """Mask rows [R, 1, Tq, Tk] for the gathered queries: the model's own rows where it built
     a mask, otherwise causal (and sliding-window) in cache order."""
     if mask is not None:
-        mask = mask.expand(int(rows.max()) + 1 if mask.shape[0] == 1 else mask.shape[0], -1, -1, -1)[rows]
+        mask = mask[rows] if mask.shape[0] > 1 else mask.expand(rows.shape[0], -1, -1, -1)
         return torch.take_along_dim(mask, positions[:, None, :, None], dim=2)
     query_at = key_len - new_tokens + positions  # the current tokens are the last keys
     keys = torch.arange(key_len, device=positions.device)
@@ -124,17 +198,17 @@ def _query_mask(attn: nn.Module, mask: torch.Tensor | None, rows: torch.Tensor, 
     return kernel_mask(attn, allowed[:, None], dtype)
 
 
-def _packed(execute: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _packed(execute: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each row's executing positions first, in order, padded with its first one: ([R, W], valid [R, W])."""
     counts = execute.sum(1)
-    width = int(counts.max()) if counts.numel() else 0
-    positions = torch.argsort((~execute).to(torch.int8), dim=1, stable=True)[:, :width]
-    valid = torch.arange(width, device=execute.device) < counts[:, None]
-    return torch.where(valid, positions, positions[:, :1]), valid
+    width = int(counts.max()) if counts.size else 0
+    order = np.argsort(~execute, axis=1, kind="stable")[:, :width]
+    valid = np.arange(width) < counts[:, None]
+    return np.where(valid, order, order[:, :1]), valid
 
 
 def _attention_update_drop(norm: nn.Module, attn: nn.Module, post_norm: nn.Module | None,
-                           hidden: torch.Tensor, execute: torch.Tensor, kwargs: dict[str, Any],
+                           hidden: torch.Tensor, decisions: Decisions, kwargs: dict[str, Any],
                            window: int | None) -> torch.Tensor | None:
     batch, new_tokens, _ = hidden.shape
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -142,7 +216,9 @@ def _attention_update_drop(norm: nn.Module, attn: nn.Module, post_norm: nn.Modul
         raise SkipGPTError("these routers use KV policy 'drop', which stores keys for executing tokens only: pass "
                            "cache=skipgpt.DroppedKVCache() (skipgpt.generate does this for you)")
     past = cache.get_seq_length(attn.layer_idx) if cache is not None else 0
-    positions, valid = _packed(execute)  # [B, W]: the executing tokens are both the queries and the new keys
+    packed, slot_valid = _packed(decisions.execute)  # [B, W]: the executing tokens are both the queries and the new keys
+    positions, valid, slots, target = _upload(hidden.device, packed, slot_valid, _where(slot_valid), decisions.executing)
+    valid = valid.bool()  # uploaded as int64 with the indices
     rows = torch.arange(batch, device=hidden.device)[:, None]
     x = norm(hidden[rows, positions])
     cos, sin = kwargs["position_embeddings"]
@@ -156,7 +232,7 @@ def _attention_update_drop(norm: nn.Module, attn: nn.Module, post_norm: nn.Modul
         key_at, key_valid = cache.layers[attn.layer_idx].positions, cache.layers[attn.layer_idx].valid
     else:
         key_at, key_valid = at, valid
-    if not bool(valid.any()):
+    if decisions.executing.size == 0:
         return None
     queries = _rotate(_heads(attn.q_proj(x), head_dim, getattr(attn, "q_norm", None)), cos, sin)
     allowed = key_valid[:, None, :] & (key_at[:, None, :] <= at[:, :, None])
@@ -164,11 +240,11 @@ def _attention_update_drop(norm: nn.Module, attn: nn.Module, post_norm: nn.Modul
         allowed &= key_at[:, None, :] > at[:, :, None] - window
     allowed |= ~valid[:, :, None]  # padding query slots: any finite row, their output is dropped
     mask = kernel_mask(attn, allowed[:, None], queries.dtype)
-    return _attend(attn, post_norm, hidden, queries, keys, values, mask, rows[:, 0], positions, valid, window)
+    return _attend(attn, post_norm, hidden, queries, keys, values, mask, None if slot_valid.all() else slots, target, window)
 
 
 def _attention_update(norm: nn.Module, attn: nn.Module, post_norm: nn.Module | None,
-                      hidden: torch.Tensor, execute: torch.Tensor, kwargs: dict[str, Any],
+                      hidden: torch.Tensor, decisions: Decisions, kwargs: dict[str, Any],
                       window: int | None) -> torch.Tensor | None:
     batch, new_tokens, _ = hidden.shape
     head_dim = attn.head_dim
@@ -181,31 +257,33 @@ def _attention_update(norm: nn.Module, attn: nn.Module, post_norm: nn.Module | N
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if cache is not None:
         keys, values = cache.update(keys, values, attn.layer_idx, kwargs=kwargs)
-    rows = execute.any(1).nonzero().squeeze(1)
-    if rows.numel() == 0:
+    if decisions.executing.size == 0:
         return None
-    positions, valid = _packed(execute[rows])
+    active = _where(decisions.execute.any(1))  # rows with at least one executing token
+    packed, slot_valid = _packed(decisions.execute[active])
+    rows, positions, slots, target = _upload(hidden.device, active, packed, _where(slot_valid), decisions.executing)
     take = lambda t: t[rows[:, None], positions]  # noqa: E731  [B, T, ...] -> [R, Tq, ...]
     queries = _rotate(_heads(attn.q_proj(take(x)), head_dim, getattr(attn, "q_norm", None)),
                       take(cos)[:, None], take(sin)[:, None])
-    if rows.numel() < batch:
+    if active.size < batch:
         keys, values = keys[rows], values[rows]
     mask = _query_mask(attn, kwargs.get("attention_mask"), rows, positions, new_tokens, keys.shape[2], queries.dtype, window)
-    return _attend(attn, post_norm, hidden, queries, keys, values, mask, rows, positions, valid, window)
+    return _attend(attn, post_norm, hidden, queries, keys, values, mask, None if slot_valid.all() else slots, target, window)
 
 
 def _attend(attn: nn.Module, post_norm: nn.Module | None, hidden: torch.Tensor, queries: torch.Tensor,
-            keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor,
-            positions: torch.Tensor, valid: torch.Tensor, window: int | None) -> torch.Tensor:
+            keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, slots: torch.Tensor | None,
+            target: torch.Tensor, window: int | None) -> torch.Tensor:
     """Attention of the gathered queries [R, H, W, d] through the model's own kernel, the output
-    projection for the valid ones, scattered back to (rows, positions) of a zero update."""
+    projection for the valid ones (``slots`` of the R·W, None: all), scattered to the flat token
+    indices ``target`` of a zero update: the executing tokens in row-major order, which is the
+    order of the valid slots."""
     extra: dict[str, Any] = {"sliding_window": window} if window else {}
     if getattr(attn, "attn_logit_softcapping", None) is not None:
         extra["softcap"] = attn.attn_logit_softcapping
     out, _ = _attention_kernel(attn)(attn, queries, keys, values, mask, dropout=0.0, scaling=attn.scaling, **extra)
-    out = attn.o_proj(out.reshape(*positions.shape, -1)[valid])  # [executing tokens, D]
+    out = out.reshape(queries.shape[0] * queries.shape[2], -1)  # [R·W, H·d]
+    out = attn.o_proj(out if slots is None else out.index_select(0, slots))
     if post_norm is not None:
         out = post_norm(out)
-    update = torch.zeros_like(hidden)
-    update[rows[:, None].expand_as(positions)[valid], positions[valid]] = out.to(hidden.dtype)
-    return update
+    return _scattered(hidden, target, out)

@@ -14,8 +14,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..files import write_json
-from ..models import load_model
+from ..models import load_model, saved_dtype
 from ..routing.save_load import load_routers, save_routers
 from ..routing.surgery import detach_routers, has_routers
 from ..training.finetune import load_adapter
@@ -23,10 +25,17 @@ from ..training.finetune import load_adapter
 EXPORT_NAME = "skipgpt_export.json"
 
 
-def export_model(model_name: str, out_dir: str | Path, *, routers: str | None = None, adapter: str | None = None) -> Path:
-    """Write base + routers (+ merged adapter) to ``out_dir``, atomically."""
+def export_model(model_name: str, out_dir: str | Path, *, routers: str | None = None, adapter: str | None = None,
+                 dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu") -> Path:
+    """Write base + routers (+ merged adapter) to ``out_dir``, atomically.
+
+    ``dtype="auto"`` keeps the checkpoint's own dtype on every device: an export is a copy of the
+    model, and a bf16 7B model written as float32 would be 28 GB instead of 14. The LoRA merge runs
+    on ``device``.
+    """
     out = Path(out_dir)
-    model, tokenizer = load_model(model_name)
+    dtype = saved_dtype(model_name) if dtype == "auto" else dtype
+    model, tokenizer = load_model(model_name, dtype=dtype, device=device)
     if routers:
         load_routers(model, routers)
     if adapter:
@@ -34,7 +43,8 @@ def export_model(model_name: str, out_dir: str | Path, *, routers: str | None = 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        info: dict[str, Any] = {"base_model": model_name, "routers": routers, "adapter": adapter, "lora_merged": bool(adapter)}
+        info: dict[str, Any] = {"base_model": model_name, "routers": routers, "adapter": adapter, "lora_merged": bool(adapter),
+                                "dtype": str(model.dtype).removeprefix("torch.")}
         if has_routers(model):
             save_routers(model, staging, extra={"export": info})
             detach_routers(model)

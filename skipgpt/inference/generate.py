@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import torch
 
 from ..config import JsonConfig
+from ..devices import input_device
 from ..errors import SkipGPTError
 from ..routing.surgery import has_routers, measure_sparsity
 from .speculative import AUTO_START, Sampling, parse_draft_tokens, speculative_decode
@@ -66,7 +67,7 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], cfg
         raise SkipGPTError(f"max_new_tokens must be at least 1, got {cfg.max_new_tokens}")
     if cfg.speculative:
         parse_draft_tokens(cfg.draft_tokens)  # bad input fails before any work
-    inputs = _encode(tokenizer, prompts, cfg.chat, next(model.parameters()).device)
+    inputs = _encode(tokenizer, prompts, cfg.chat, input_device(model))
     context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     longest = inputs["input_ids"].shape[1]
     if context is not None and longest + cfg.max_new_tokens > context:

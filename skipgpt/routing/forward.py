@@ -15,9 +15,10 @@ import torch.utils.checkpoint
 from torch import nn
 from transformers import DynamicCache
 
-from ..inference.engine import replace_skipped, skip_branch
+from ..inference.engine import Decisions, replace_skipped, skip_branch
 from ..inference.kv import DroppedKVCache, drop_policy_mask
 from .adapters import KINDS
+from .routers import rms_normalised
 from .state import RoutingState
 
 
@@ -28,6 +29,7 @@ def routed_layer_forward(self: nn.Module, hidden_states: torch.Tensor, **kwargs:
     gradient_checkpointing_enable), the layer is recomputed in backward. The RNG state is
     replayed, so the recomputed Gumbel gates equal the ones the loss saw.
     """
+    self.skipgpt_state.localize(hidden_states.device)
     hf_checkpointing = getattr(self, "gradient_checkpointing", False) and self.training  # HF's own switch
     if (self.skipgpt_state.checkpointing or hf_checkpointing) and torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(_routed_layer_body, self, hidden_states, use_reentrant=False, **kwargs)
@@ -41,17 +43,19 @@ def _routed_layer_body(self: nn.Module, hidden_states: torch.Tensor, **kwargs: A
         index = 2 * self.skipgpt_index + offset
         norm, module, post_norm = state.adapter.branch(self, kind)
         router = self.skip_routers[kind]
-        gate = state.decide(router, hidden_states, index)
+        normalised = _shared_normalised(router, hidden_states, state, sparse)
+        gate = state.decide(router, hidden_states, index, normalised)
         execute = (gate if gate.dtype == torch.bool else gate > 0) if sparse else None
         if execute is not None and state.token_mask is not None and state.mode != "dense":
             execute = execute & state.token_mask  # padding runs nothing; "dense" is the plain model's computation
         drop = kind == "attn" and state.drops_keys
-        if execute is not None and (drop or not bool(execute.all() if execute.numel() > 1 else execute)):
+        # The module's one host read; under "dense" every token executes and there is nothing to read.
+        decisions = None if execute is None or state.mode == "dense" else Decisions.read(execute, state.token_mask)
+        if decisions is not None and (drop or not decisions.all_execute):
             window = state.adapter.attention_window(module) if kind == "attn" else None
-            update = skip_branch(kind, norm, module, post_norm, hidden_states, execute, kwargs, state.config.kv_policy, window)
+            update = skip_branch(kind, norm, module, post_norm, hidden_states, decisions, kwargs, state.config.kv_policy, window)
             if router.replacement is not None:
-                skipping = ~execute if state.token_mask is None else state.token_mask & ~execute
-                update = replace_skipped(router.replacement, hidden_states, skipping, update)
+                update = replace_skipped(router.replacement, hidden_states, decisions, update)
         else:
             out = norm(hidden_states)
             if drop:  # the masked computation of "drop": keys of skipping tokens are hidden
@@ -67,7 +71,7 @@ def _routed_layer_body(self: nn.Module, hidden_states: torch.Tensor, **kwargs: A
             else:  # x + g·f(x) + (1 − g)·h(x): the straight-through gradient sees f − h
                 g = gate.unsqueeze(-1).to(out.dtype)
                 dense = router.replacement is None or state.mode == "dense"
-                update = g * out if dense else g * out + (1 - g) * router.replacement(hidden_states)
+                update = g * out if dense else g * out + (1 - g) * router.replacement(hidden_states, normalised)
         if state.observers:
             update = torch.zeros_like(hidden_states) if update is None else update
             for observe in state.observers:
@@ -75,6 +79,17 @@ def _routed_layer_body(self: nn.Module, hidden_states: torch.Tensor, **kwargs: A
         if update is not None:
             hidden_states = hidden_states + update
     return hidden_states
+
+
+def _shared_normalised(router: nn.Module, hidden: torch.Tensor, state: RoutingState, sparse: bool) -> torch.Tensor | None:
+    """``rms_normalised(hidden)`` once for the router and its low-rank replacement, where the
+    masked computation runs both on every token (training, the reference computation): autograd
+    then keeps one float32 copy of it for the two linear maps' weight gradients instead of two."""
+    replacement = router.replacement
+    both = router.input_norm and replacement is not None and replacement.rank and state.config.routing == "skipgpt"
+    if sparse or not both or state.mode not in ("gumbel", "argmax"):
+        return None
+    return rms_normalised(hidden)
 
 
 def before_model_forward(state: RoutingState, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -85,7 +100,7 @@ def before_model_forward(state: RoutingState, args: tuple, kwargs: dict) -> tupl
         ids = kwargs.get("inputs_embeds")
     mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
     real = None if mask is None or ids is None else mask[:, -ids.shape[1] :].bool()
-    state.token_mask = None if real is None or bool(real.all()) else real  # None: every token is real
+    state.set_token_mask(None if real is None or bool(real.all()) else real)  # None: every token is real
     state.gates = [None] * state.num_modules
     if state.drops_keys and state.skipping() and kwargs.get("use_cache", True) is not False:
         name = "past_key_values" if "past_key_values" in kwargs else "cache"

@@ -18,11 +18,41 @@ GateMode = Literal["gumbel", "argmax", "dense", "fixed"]
 GATE_MODES: tuple[str, ...] = ("gumbel", "argmax", "dense", "fixed")
 
 
+RMS_EPS = 1e-6
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+class _RMSNormalised(torch.autograd.Function):
+    """``x̂ = x / rms(x)`` in float32, saving for backward only ``x`` itself (the residual stream,
+    which the graph holds anyway) and the per-token scale. Autograd's own version saves a float32
+    copy of ``x`` and its square as well: two d-wide float32 tensors per token per router input,
+    a third of what routing adds to a tuning step's activations at 8B (benchmarks/scale.py)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> torch.Tensor:
+        xf = _at_least_float32(x)
+        scale = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + RMS_EPS)
+        ctx.save_for_backward(x, scale)
+        return xf * scale
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        x, scale = ctx.saved_tensors
+        y = _at_least_float32(x) * scale
+        # d(x·s)/dx with s = (mean(x²) + ε)^(-1/2): s·(g − y·mean(g·y))
+        return (scale * (grad - y * (grad * y).mean(-1, keepdim=True))).to(x.dtype)
+
+
 def rms_normalised(x: torch.Tensor) -> torch.Tensor:
-    """Parameter-free RMS norm: the residual stream's scale grows by orders of magnitude with
-    depth, which would otherwise need one learning rate per layer."""
-    x = x.float()
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    """Parameter-free RMS norm, in float32: the residual stream's scale grows by orders of
+    magnitude with depth, which would otherwise need one learning rate per layer."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _RMSNormalised.apply(x)
+    xf = _at_least_float32(x)
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + RMS_EPS)
 
 
 class Replacement(nn.Module):
@@ -46,10 +76,13 @@ class Replacement(nn.Module):
             self.down = nn.Parameter(torch.randn(rank, hidden_size) / hidden_size**0.5)
             self.up = nn.Parameter(torch.zeros(hidden_size, rank))
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, normalised: torch.Tensor | None = None) -> torch.Tensor:
+        """``normalised``: ``rms_normalised(hidden)`` where the caller has it already (the router's
+        input in training), so that autograd keeps one copy of it for both."""
         out = self.bias.expand(*hidden.shape[:-1], -1)
         if self.rank:
-            out = out + (rms_normalised(hidden) @ self.down.t()) @ self.up.t()
+            x = rms_normalised(hidden) if normalised is None else normalised
+            out = out + (x @ self.down.t()) @ self.up.t()
         return out.to(hidden.dtype)
 
     def cost(self) -> int:
@@ -88,8 +121,12 @@ class Router(nn.Module):
                 p.data = p.data.float()
         return self
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        x = rms_normalised(hidden) if self.input_norm else hidden.float()
+    def forward(self, hidden: torch.Tensor, normalised: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [.., 2]; ``normalised`` as for :meth:`Replacement.forward` (used with ``input_norm``)."""
+        if self.input_norm:
+            x = rms_normalised(hidden) if normalised is None else normalised
+        else:
+            x = hidden.float()
         if not torch.is_autocast_enabled(hidden.device.type):  # the common case; entering a context costs µs per module
             return self.net(x)
         # Margins in float32 even under bf16 autocast: a training step must take the decisions

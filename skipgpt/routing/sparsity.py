@@ -39,7 +39,7 @@ def _skipped_per_module(gates: torch.Tensor, token_mask: torch.Tensor | None) ->
     skipped = 1.0 - gates
     if token_mask is None:
         return skipped.sum(dim=(1, 2)), gates.shape[1] * gates.shape[2]
-    mask = token_mask.to(gates.dtype)
+    mask = token_mask.to(gates.device, gates.dtype)
     return (skipped * mask).sum(dim=(1, 2)), int(token_mask.sum())
 
 

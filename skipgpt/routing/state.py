@@ -35,12 +35,27 @@ class RoutingState:
         self.noise = 1.0  # scale of the Gumbel noise in training (0: the argmax decision, straight-through)
         self.fixed_gates: torch.Tensor | None = None
         self.token_mask: torch.Tensor | None = None
+        self._token_masks: dict[torch.device, torch.Tensor] = {}  # the mask copied to each device of a device map
         self.gates: list[torch.Tensor | None] = [None] * len(module_params)
         self.meter: SparsityMeter | None = None
         self.margin_log: list[list[torch.Tensor]] | None = None  # argmax margins, for calibration
         # Callbacks (module index, branch input, gated branch output) for importance and analyses.
         self.observers: list[Callable[[int, torch.Tensor, torch.Tensor], None]] = []
         self.hooks: list[Any] = []
+
+    def set_token_mask(self, mask: torch.Tensor | None) -> None:
+        """Which tokens of this forward are real (None: all of them)."""
+        self.token_mask = mask
+        self._token_masks = {} if mask is None else {mask.device: mask}
+
+    def localize(self, device: torch.device) -> None:
+        """Make ``token_mask`` the copy on ``device``, where the next layer computes: with a device
+        map, consecutive layers may sit on different GPUs. One copy per device and forward."""
+        mask = self.token_mask
+        if mask is not None and mask.device != device:
+            if device not in self._token_masks:
+                self._token_masks[device] = mask.to(device, non_blocking=True)
+            self.token_mask = self._token_masks[device]
 
     @property
     def drops_keys(self) -> bool:
@@ -50,8 +65,11 @@ class RoutingState:
         return self.config.kv_policy == "drop" and self.mode != "dense"
 
     def skipping(self) -> bool:
-        """Whether skipped modules are really not computed: at inference, not in training."""
-        return self.skip_compute and self.mode != "gumbel" and not torch.is_grad_enabled()
+        """Whether skipped modules are really not computed. Always at inference; under gradient
+        only with argmax decisions, which are frozen (their gradient is zero in the masked
+        computation too): gathering the executing tokens is differentiable in everything else, so
+        stage 2 (LoRA with frozen routers) trains through the skipping path and saves its compute."""
+        return self.skip_compute and self.mode != "gumbel" and (self.mode == "argmax" or not torch.is_grad_enabled())
 
     @property
     def num_modules(self) -> int:
@@ -62,7 +80,9 @@ class RoutingState:
         """Parameters a skip saves per module: the weights of parameter ratios."""
         return self.module_params - self.replacement_params
 
-    def decide(self, router: Router, hidden: torch.Tensor, index: int) -> torch.Tensor:
+    def decide(self, router: Router, hidden: torch.Tensor, index: int, normalised: torch.Tensor | None = None) -> torch.Tensor:
+        """The execute gate of module ``index`` for ``hidden`` under the current mode; ``normalised``
+        (``rms_normalised(hidden)``, where the layer has it) spares the router its own copy."""
         if self.config.routing != "skipgpt" and self.mode in ("gumbel", "argmax"):
             gate = self._baseline_decision(router, hidden, index)
         elif self.mode == "dense":
@@ -74,7 +94,7 @@ class RoutingState:
         elif self.mode == "argmax" and self.margin_log is None and not torch.is_grad_enabled():
             gate = router.execute(hidden, self.config.threshold)  # bool, the inference fast path
         else:
-            logits = router(hidden)
+            logits = router(hidden, normalised)
             gate = execute_gate(logits, self.mode, self.tau, self.config.threshold, self.noise)
             if self.margin_log is not None:
                 real = margin(logits) if self.token_mask is None else margin(logits)[self.token_mask]
@@ -96,13 +116,15 @@ class RoutingState:
             proposed = router.execute(hidden, self.config.threshold)
         # Counted from the gates already decided in this forward, so a checkpointed layer that is
         # recomputed in backward sees the same count as in forward.
-        executed = sum((g.detach().float() for g in self.gates[0 : 2 * layer : 2]), torch.zeros(hidden.shape[:-1], device=hidden.device))
+        executed = sum((g.detach().float().to(hidden.device) for g in self.gates[0 : 2 * layer : 2]),
+                       torch.zeros(hidden.shape[:-1], device=hidden.device))
         return budget_gate(proposed, executed, layer, layers, round(self.config.capacity * layers))
 
     def stacked_gates(self) -> torch.Tensor:
         if any(g is None for g in self.gates):
             raise SkipGPTError("no routed forward pass has run yet")
-        return torch.stack([g.float() if g.dtype == torch.bool else g for g in self.gates])  # type: ignore[union-attr]
+        device = self.gates[0].device  # type: ignore[union-attr]  # the first layer's, with a device map
+        return torch.stack([(g.float() if g.dtype == torch.bool else g).to(device) for g in self.gates])  # type: ignore[union-attr]
 
     def last_stats(self) -> SparsityStats:
         """Sparsity of the last forward pass, differentiable through the gates."""

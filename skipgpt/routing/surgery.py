@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..config import RouterConfig
+from ..devices import input_device, module_device
 from ..errors import SkipGPTError
 from .adapters import KINDS, ArchAdapter, get_adapter
 from .forward import after_model_forward, before_model_forward, routed_layer_forward
@@ -62,15 +63,20 @@ def attach_routers(model: nn.Module, config: RouterConfig | None = None) -> nn.M
     config.base_model = config.base_model or str(getattr(model.config, "_name_or_path", ""))
     replacement_params = []
     for layer in layers:
-        device = next(layer.parameters()).device
-        layer.skip_routers = nn.ModuleDict({k: Router(config.hidden_size, config) for k in KINDS}).to(device)
+        layer.skip_routers = nn.ModuleDict({k: Router(config.hidden_size, config) for k in KINDS}).to(module_device(layer))
         replacement_params += [r.replacement.cost() if r.replacement is not None else 0 for r in layer.skip_routers.values()]
     state = RoutingState(config, adapter, branch_parameter_counts(model, adapter),
                          torch.tensor(replacement_params, dtype=torch.float64))
     for index, layer in enumerate(layers):
         layer.skipgpt_index = index
         layer.skipgpt_state = state
-        layer.forward = types.MethodType(routed_layer_forward, layer)
+        # Under accelerate's big-model hooks (device_map) ``forward`` is the hook's wrapper, which
+        # moves inputs and onloads offloaded weights, around ``_old_forward``: route inside it.
+        if hasattr(layer, "_hf_hook"):
+            layer.skipgpt_hooked_forward = layer._old_forward
+            layer._old_forward = types.MethodType(routed_layer_forward, layer)
+        else:
+            layer.forward = types.MethodType(routed_layer_forward, layer)
     state.hooks = [
         model.register_forward_pre_hook(lambda _m, a, k: before_model_forward(state, a, k), with_kwargs=True),
         model.register_forward_hook(lambda _m, _a, _o: after_model_forward(state)),
@@ -97,7 +103,12 @@ def detach_routers(model: nn.Module) -> nn.Module:
     for hook in state.hooks:
         hook.remove()
     for layer in state.adapter.decoder_layers(model):
-        del layer.forward, layer.skip_routers, layer.skipgpt_index, layer.skipgpt_state
+        if hasattr(layer, "skipgpt_hooked_forward"):
+            layer._old_forward = layer.skipgpt_hooked_forward
+            del layer.skipgpt_hooked_forward
+        else:
+            del layer.forward
+        del layer.skip_routers, layer.skipgpt_index, layer.skipgpt_state
     del model.skipgpt_state
     return model
 
@@ -179,7 +190,7 @@ def observe_dense(model: nn.Module, sequences: torch.Tensor, observe: Observer, 
     index, branch input, branch output)`` for each module: the one pass that importance scores,
     replacement fits and analyses need."""
     state = routing_state(model)
-    device = next(model.parameters()).device
+    device = input_device(model)
     state.observers.append(observe)
     try:
         with gate_mode(model, "dense"):

@@ -1,7 +1,7 @@
 """Setting the decision threshold so that argmax routing delivers the ratio asked for.
 
 Training matches the target with Gumbel *samples*; argmax decisions on the same routers skip
-a different amount (METHOD.md, "Small budgets": 20.6 % delivered for 25 % asked). A single
+a different amount (docs/method-choices.md, "Inference decision and threshold calibration"). A single
 global shift of the execute-minus-skip margin fixes that without touching router weights.
 Downstream routers see the hidden states that upstream decisions produce, so the shift is
 found by bisection on full forward passes, on calibration text only (never evaluation text).
@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
+from ..devices import input_device
 from ..pause import pause_point
 from ..routing.save_load import read_router_config, save_routers
 from ..routing.surgery import gate_mode, measure_sparsity, routing_state
@@ -21,7 +22,7 @@ from ..routing.surgery import gate_mode, measure_sparsity, routing_state
 
 @torch.no_grad()
 def achieved_ratio(model: torch.nn.Module, sequences: torch.Tensor, unit: str, batch_size: int = 1) -> float:
-    device = next(model.parameters()).device
+    device = input_device(model)
     key = "param_ratio" if unit == "params" else "module_sparsity"
     with gate_mode(model, "argmax"), measure_sparsity(model) as meter:
         for batch in sequences.split(batch_size):

@@ -45,7 +45,7 @@ from ..routing.surgery import (
 from . import checkpoint
 from .calibrate import calibrate_threshold
 from .loop import LoopSpec, run_loop, run_summary
-from .losses import Teacher, TeacherOutput, lm_loss, routed_loss
+from .losses import Teacher, TeacherOutput, final_hidden_states, lm_loss, routed_loss
 from .tune import RESULTS_NAME, tau_at
 
 Mode = Literal["routed", "joint", "dense"]
@@ -164,12 +164,13 @@ def copy_adapter(adapter_dir: str | Path, out: str | Path) -> None:
 
 
 def _base_model_teacher(peft_model: PeftModel) -> Teacher:
-    """Distillation target for stage 2: the base model itself, adapters off, every module on."""
+    """Distillation target for stage 2: the base model itself, adapters off, every module on; its
+    final hidden states, from which the loss computes log-probabilities chunk by chunk."""
 
     def teacher(_model: torch.nn.Module, batch: torch.Tensor, hidden: bool = False) -> TeacherOutput:
         routing = gate_mode(peft_model, "dense") if has_routers(peft_model) else contextlib.nullcontext()
         with torch.no_grad(), peft_model.disable_adapter(), routing, layer_outputs(peft_model, hidden) as states:
-            return peft_model(input_ids=batch, use_cache=False).logits.float(), states
+            return final_hidden_states(peft_model, batch), states
 
     return teacher
 

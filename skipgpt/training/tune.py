@@ -1,7 +1,7 @@
 """Stage 1, router tuning: the base model frozen, only routers learn.
 
 Loss = LM loss + α·|T − r| with r the global sparsity of the hard Gumbel gates in the unit the
-user chose (METHOD.md). The LM loss is next-token NLL (paper) or, with ``loss="kl"``, the KL
+user chose (docs/method-choices.md, "Training (stage 1)"). The LM loss is next-token NLL (paper) or, with ``loss="kl"``, the KL
 divergence to the frozen dense model's own next-token distribution, which gives every token a
 full target for one extra no-grad forward.
 """
@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from ..config import RouterConfig, TuneConfig
+from ..devices import input_device
 from ..errors import SkipGPTError
 from ..files import write_json
 from ..routing.save_load import load_routers_state_dict, routers_state_dict, save_routers
@@ -29,7 +30,7 @@ from .calibrate import achieved_ratio, calibrate_threshold
 from .importance import seed_routers_from_importance
 from .loop import LoopSpec, run_loop, run_summary
 from .losses import routed_loss
-from .replacements import fit_replacements
+from .replacements import fit_replacements, fit_sequence_count
 
 RESULTS_NAME = "results.json"
 
@@ -90,7 +91,7 @@ def _size_to_budget(model: torch.nn.Module, train_ids: torch.Tensor, calib_ids: 
     if saved is not None:
         cfg.steps = checkpoint.load_trainer_state(saved)["fingerprint"]["tune"]["steps"]
         return {"budget_minutes": cfg.budget_minutes, "steps": cfg.steps, "resumed": True}, None
-    batch = train_ids[: cfg.batch_size].to(next(model.parameters()).device)
+    batch = train_ids[: cfg.batch_size].to(input_device(model))
     autocast = torch.autocast(batch.device.type, dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
     set_gate_mode(model, "gumbel", tau=cfg.tau_start, noise=cfg.noise_start)
     times: list[float] = []
@@ -159,7 +160,7 @@ def tune_routers(
         if routing_state(model).config.init == "importance":
             record["importance_seed"] = seed_routers_from_importance(
                 model, calib_ids if calib_ids is not None else train_ids[:4], cfg.target, cfg.target_unit)
-        record["replacement_fit"] = fit_replacements(model, train_ids[: cfg.fit_sequences]) or None
+        record["replacement_fit"] = fit_replacements(model, train_ids[: fit_sequence_count(model, cfg.fit_sequences, train_ids.shape[1])]) or None
     model.requires_grad_(False)
     for p in router_parameters(model):
         p.requires_grad_(True)
