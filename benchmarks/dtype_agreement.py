@@ -103,8 +103,8 @@ def main() -> None:
              f"commit {commit}{' + uncommitted changes' if dirty else ''}, {result['wall_s']:.0f} s.\n")
     print(text)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out.with_suffix(".json"), result)
-    out.with_suffix(".md").write_text(text)
+    write_json(Path(f"{out}.json"), result)  # not with_suffix: router names may hold dots
+    Path(f"{out}.md").write_text(text)
     print(f"wrote {out}.json and .md", file=sys.stderr)
 
 

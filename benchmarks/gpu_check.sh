@@ -59,7 +59,7 @@ for m in needed:
     if m not in missing:
         print(f"{m} {getattr(importlib.import_module(m), '__version__', '?')}")
 if missing:
-    print("MISSING (carry them as wheels; see /work/.library/device/README.md): " + ", ".join(missing))
+    print("MISSING (install them, or carry their wheels with the tree): " + ", ".join(missing))
 import torch
 if device == "cuda" and not torch.cuda.is_available():
     print("MISSING: a CUDA device (torch.cuda.is_available() is False)")

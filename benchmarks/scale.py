@@ -64,7 +64,8 @@ from skipgpt.files import write_json  # noqa: E402
 from skipgpt.routing.surgery import gate_mode  # noqa: E402
 from skipgpt.training import tune as tune_module  # noqa: E402
 from skipgpt.training.loop import LOG_NAME  # noqa: E402
-from skipgpt.training.losses import logit_chunk_tokens, routed_loss  # noqa: E402
+from skipgpt.next_token import logit_chunk_tokens  # noqa: E402
+from skipgpt.training.losses import routed_loss  # noqa: E402
 from skipgpt.training.replacements import fit_sequence_count  # noqa: E402
 
 GiB = 2**30
@@ -206,7 +207,7 @@ def head_saved_bytes(d: Dims, elem: int, batch: int, seq: int) -> int:
 
 
 def loss_saved_bytes(d: Dims, elem: int, tokens: int) -> int:
-    """What the KL loss (skipgpt/training/losses.py) keeps for backward. Over more tokens than one
+    """What the KL loss (skipgpt/training/losses.py, skipgpt/next_token.py) keeps for backward. Over more tokens than one
     chunk of logits, chunks run under activation checkpointing and keep only their inputs, the
     teacher's and the student's final hidden states ([tokens, d] each, model dtype); within one
     chunk nothing is recomputed, and it keeps the teacher's and the student's float32
@@ -954,8 +955,8 @@ def run_report(r: dict[str, Any]) -> str:
 def write_outputs(stem: Path, text: str, data: dict[str, Any]) -> None:
     print(text)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".md").write_text(text)
-    write_json(stem.with_suffix(".json"), data)
+    Path(f"{stem}.md").write_text(text)  # not with_suffix: a stem like "llama-3.2-1b" has a dot
+    write_json(Path(f"{stem}.json"), data)
     print(f"wrote {stem}.md and {stem}.json", file=sys.stderr)
 
 

@@ -67,11 +67,14 @@ class RouterConfig(JsonConfig):
     # 74.5 to 47.4 at equal tokens; rank 64 did no better (docs/small-budget.md).
     replacement: Literal["none", "bias", "lowrank"] = "lowrank"
     replacement_rank: int = 16
-    # Filled in by attach_routers; used to refuse loading onto a different base model.
+    # Filled in by attach_routers: the shape refuses another base model; the name, revision and
+    # weights fingerprint (skipgpt/identity.py) tell a fine-tune or a same-shape sibling apart.
     model_type: str = ""
     hidden_size: int = 0
     num_layers: int = 0
     base_model: str = ""
+    base_revision: str = ""
+    base_fingerprint: str = ""
 
     def __post_init__(self) -> None:
         if self.router not in ("linear", "mlp"):

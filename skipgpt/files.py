@@ -9,6 +9,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 
+_UMASK = os.umask(0o022)  # read once at import (os.umask can only be read by setting it)
+os.umask(_UMASK)
+
+
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Write through a temp file in the same directory and rename: never a half file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -16,6 +20,7 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would keep results from other readers
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

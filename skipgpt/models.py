@@ -40,6 +40,7 @@ except ImportError:  # older versions always dequantize GGUF files
 
 from .devices import checkpoint_dtype, resolve_dtype, runs_on_cpu
 from .errors import SkipGPTError
+from .identity import weights_fingerprint
 from .routing.save_load import CONFIG_NAME, load_routers
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -159,9 +160,21 @@ def load_model(
     model.eval()
     if name_or_path in BUILTIN_MODELS:
         model.skipgpt_builtin = name_or_path  # builtin router sets load onto this model only
+    model.skipgpt_source = _source_of(name_or_path, path, kwargs)
+    model.skipgpt_fingerprint = weights_fingerprint(model)  # before anything (a pruning method) edits the weights
     if "gguf_file" not in kwargs and (Path(path) / CONFIG_NAME).is_file():
         load_routers(model, path)  # a directory written by `skipgpt export` carries its routers
     return model, _load_tokenizer_from(name_or_path, path, kwargs, model.config)
+
+
+def _source_of(name_or_path: str, path: str, kwargs: dict[str, Any]) -> str:
+    """What names this model exactly, for the records of what is made from it: a builtin or hub
+    name as given, a local model by its absolute path (the ``.gguf`` file itself, not its folder)."""
+    if "gguf_file" in kwargs:
+        return str(Path(path).resolve() / kwargs["gguf_file"])
+    if resolve_model_source(name_or_path) in ("builtin", "hub"):
+        return name_or_path
+    return str(Path(path).expanduser().resolve())
 
 
 def saved_dtype(name_or_path: str) -> torch.dtype:

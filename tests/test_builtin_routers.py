@@ -57,3 +57,30 @@ def test_builtin_sets_load_onto_the_builtin_model_and_skip(name):
     stats = routing_state(model).last_stats()
     assert 0.05 < float(stats.params) < 0.8  # it skips, and not everything
     assert json.loads((router_dir(name) / CONFIG_NAME).read_text())["router"]["base_model"]
+
+
+# The shipped sets on the first 4 windows of 1,024 WikiText-2 test tokens (4,092 scored), float32 on
+# a CPU, as docs/small-budget.md lists them ("The shipped sets on a fixed slice"): perplexity, and
+# the parameter ratio skipped. A changed engine, loss, threshold or router file moves them.
+SHIPPED_SLICE = {"smollm2-135m-rt25": (44.759, 0.2652), "smollm2-135m-rt40": (82.677, 0.4047)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SHIPPED_SLICE))
+def test_shipped_sets_score_their_documented_numbers_on_a_fixed_wikitext2_slice(name):
+    from conftest import shared_data_dir
+
+    from skipgpt.data import load_source
+    from skipgpt.evaluation.perplexity import perplexity
+    from skipgpt.models import load_model
+
+    if shared_data_dir() is None:
+        pytest.skip("no shared data directory ($SKIPGPT_DATA_DIR or ../shared/data)")
+    model, tokenizer = load_model("smollm2-135m")
+    load_routers(model, name)
+    text = load_source("wikitext2", "test", str(shared_data_dir())).text()
+    result = perplexity(model, tokenizer, text, seq_len=1024, max_windows=4, progress=False)
+    ppl, ratio = SHIPPED_SLICE[name]
+    assert result["scored_tokens"] == 4092
+    assert result["ppl"] == pytest.approx(ppl, rel=2e-3)  # float32 kernels differ by machine far less than this
+    assert result["sparsity"]["param_ratio"] == pytest.approx(ratio, abs=2e-3)  # a flip of ~0.2 % of decisions

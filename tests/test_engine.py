@@ -213,3 +213,27 @@ def test_generate_api_refuses_empty_prompts_and_no_tokens():
         generate(routed("llama"), None, [], GenerateConfig())
     with pytest.raises(SkipGPTError):
         generate(routed("llama"), None, ["hi"], GenerateConfig(max_new_tokens=0))
+
+
+def test_generate_routes_by_argmax_whatever_gate_mode_the_model_was_left_in(tmp_path):
+    """After ``set_gate_mode(model, "gumbel")`` (training) generation still takes the deployed
+    decisions, deterministically; "masked" computes the same tokens, "dense" ignores the routers;
+    the model's own mode and computation are given back."""
+    from conftest import save_tiny_model_dir
+
+    from skipgpt import GenerateConfig, SkipGPTError, generate, set_gate_mode
+    from skipgpt.models import load_model
+
+    _, tokenizer = load_model(str(save_tiny_model_dir(tmp_path / "model")))
+    model = routed("llama", "sdpa")
+    prompts, cfg = ["w1 w2 w3 w4", "w7"], GenerateConfig(max_new_tokens=12)
+    argmax = generate(model, tokenizer, prompts, cfg)
+    set_gate_mode(model, "gumbel", tau=1.0)
+    after_training = [generate(model, tokenizer, prompts, cfg) for _ in range(2)]
+    assert all(g.texts == argmax.texts and g.sparsity == argmax.sparsity for g in after_training)
+    assert routing_state(model).mode == "gumbel" and routing_state(model).skip_compute
+    assert generate(model, tokenizer, prompts, GenerateConfig(max_new_tokens=12, routing="masked")).texts == argmax.texts
+    dense = generate(model, tokenizer, prompts, GenerateConfig(max_new_tokens=12, routing="dense"))
+    assert dense.sparsity["module_sparsity"] == 0.0 < argmax.sparsity["module_sparsity"]
+    with pytest.raises(SkipGPTError, match="routing must be one of"):
+        GenerateConfig(routing="gumbel")

@@ -13,7 +13,8 @@ import skipgpt.training.finetune
 from skipgpt import RouterConfig, SkipGPTError, attach_routers, has_routers, load_routers, routing_state, save_routers
 from skipgpt.inference.export import export_model
 from skipgpt.models import load_model
-from skipgpt.training.finetune import FinetuneConfig, finetune, load_adapter
+from skipgpt.lora import load_adapter
+from skipgpt.training.finetune import FinetuneConfig, finetune
 
 SMALL = dict(steps=6, batch_size=2, seq_len=16, lr=1e-2, save_every=3)
 
@@ -209,3 +210,30 @@ def test_stage_2_trains_through_the_skipping_path_with_the_masked_gradients(arch
     assert grads[True].keys() == grads[False].keys() and any(".replacement." in n for n in grads[True])
     for name, grad in grads[False].items():
         assert torch.allclose(grads[True][name], grad, atol=1e-6, rtol=1e-4), name
+
+
+def test_rt_l_re_sets_its_threshold_to_the_stage_1_ratio_after_lora(tmp_path):
+    """LoRA moves the hidden states the frozen routers read; the threshold is re-set on the
+    held-out text so that the fine-tuned model skips what the stage-1 routers skipped there."""
+    from skipgpt.training.calibrate import achieved_ratio
+
+    model = attach_routers(tiny_model("llama"), RouterConfig(init_bias=0.0))
+    for name, p in model.named_parameters():
+        if "skip_routers" in name and p.dim() == 2 and p.shape[0] == 2:
+            torch.nn.init.normal_(p, std=1.0)
+    calib = random_ids(4, 64, seed=5)
+    before = achieved_ratio(model, calib, "params")
+    peft_model, results = finetune(model, random_ids(16, 16), FinetuneConfig(**{**SMALL, "lr": 5e-2, "steps": 6}), tmp_path,
+                                   calib_ids=calib, progress=False)
+    cal = results["calibration"]
+    assert cal["ratio_stage1"] == pytest.approx(before) and cal["target"] == pytest.approx(before)
+    assert cal["ratio_before"] != pytest.approx(before, abs=1e-4)  # the LoRA moved the ratio
+    assert achieved_ratio(peft_model, calib, "params") == pytest.approx(before, abs=0.02)
+    assert json.loads((tmp_path / "router_config.json").read_text())["router"]["threshold"] == cal["threshold"]
+
+    kept = attach_routers(tiny_model("llama"), RouterConfig(init_bias=0.0, threshold=0.3))
+    _, results = finetune(kept, random_ids(16, 16), FinetuneConfig(**{**SMALL, "calibrate": False}), tmp_path / "kept",
+                          calib_ids=calib, progress=False)
+    assert results["calibration"] is None and routing_state(kept).config.threshold == 0.3
+    with pytest.raises(SkipGPTError, match="RT-L"):
+        FinetuneConfig(mode="joint", target=0.3)

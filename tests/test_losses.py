@@ -1,4 +1,4 @@
-"""The chunked LM losses (skipgpt/training/losses.py) against the plain full-logit computation.
+"""The chunked LM losses (skipgpt/next_token.py, used by skipgpt/training/losses.py) against the plain full-logit computation.
 
 The references here are written out in full: the model's own logits (or the output head applied
 to the whole [B, T, d] hidden states), upcast, then ``F.cross_entropy`` / a full log-softmax KL.
@@ -17,17 +17,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from skipgpt import attach_routers, router_parameters, set_gate_mode
 from skipgpt.config import RouterConfig
 from skipgpt.routing.surgery import gate_mode
-from skipgpt.training import losses
+from skipgpt import next_token
 from skipgpt.training.finetune import FinetuneConfig, _base_model_teacher, add_lora
-from skipgpt.training.losses import (
-    IGNORE_INDEX,
-    final_hidden_states,
-    kl_divergence,
-    lm_loss,
-    logit_chunk_tokens,
-    next_token_nll,
-    sequence_nll,
-)
+from skipgpt.next_token import IGNORE_INDEX, final_hidden_states, kl_divergence, logit_chunk_tokens, next_token_nll, sequence_nll
+from skipgpt.training.losses import lm_loss
 
 B, T = 2, 15
 CHUNKS = [1, 7, None]  # 7 divides neither B·(T−1) = 28 nor B·T = 30; None: the default (one chunk here)
@@ -102,7 +95,7 @@ def test_the_chunk_budget_is_a_module_setting(monkeypatch):
     model, batch = model_of("llama"), random_ids(B, T)
     with torch.no_grad():
         one_chunk = sequence_nll(model, batch)
-        monkeypatch.setattr(losses, "LOGIT_CHUNK_BYTES", 3 * 4 * 128)
+        monkeypatch.setattr(next_token, "LOGIT_CHUNK_BYTES", 3 * 4 * 128)
         assert logit_chunk_tokens(128) == 3
         seen = []
         model.get_output_embeddings().register_forward_hook(lambda _m, _a, out: seen.append(out.shape[0]))

@@ -22,7 +22,7 @@ from skipgpt import (
 from skipgpt.inference.cost import FlopCount, ModelShape, replacement_flops
 from skipgpt.routing.routers import argmax_straight_through, execute_gate, margin, rms_normalised
 from skipgpt.routing.save_load import BUILTIN_DIR
-from skipgpt.routing.surgery import deployed_gates, gate_mode, router_parameters
+from skipgpt.routing.surgery import deployed_gates, gate_mode, observe_dense, router_parameters
 from skipgpt.training import replacements
 from skipgpt.training.calibrate import achieved_ratio
 from skipgpt.training.losses import dense_outputs, lm_loss
@@ -171,17 +171,12 @@ def test_lowrank_fit_explains_more_than_the_mean_and_more_with_rank():
 
 def dense_pairs(model, ids) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Every module's (x̂, y) over all tokens of one dense forward, in float64."""
-    state, pairs = routing_state(model), {}
+    pairs = {}
 
     def keep(i, x, u):
         pairs[i] = (rms_normalised(x).reshape(-1, x.shape[-1]).double(), u.reshape(-1, u.shape[-1]).double())
 
-    state.observers.append(keep)
-    try:
-        with torch.no_grad(), gate_mode(model, "dense"):
-            model(input_ids=ids)
-    finally:
-        state.observers.remove(keep)
+    observe_dense(model, ids, keep, batch_size=len(ids))
     return pairs
 
 
@@ -218,19 +213,14 @@ def test_reported_r2_is_what_the_fitted_replacements_explain(config):
     model = attach_routers(tiny_model("gemma2"), config)
     ids = random_ids(6, 32)
     report = fit_replacements(model, ids)
-    state, residual, power = routing_state(model), torch.zeros(6, dtype=torch.float64), torch.zeros(6, dtype=torch.float64)
+    residual, power = torch.zeros(6, dtype=torch.float64), torch.zeros(6, dtype=torch.float64)
     routers = [r for layer in model.model.layers for r in layer.skip_routers.values()]
 
     def score(i, x, u):
         residual[i] += (u - routers[i].replacement(x)).double().pow(2).sum()
         power[i] += u.double().pow(2).sum()
 
-    state.observers.append(score)
-    try:
-        with torch.no_grad(), gate_mode(model, "dense"):
-            model(input_ids=ids)
-    finally:
-        state.observers.remove(score)
+    observe_dense(model, ids, score, batch_size=len(ids))
     explained = 1 - residual / power
     assert report["fit_tokens"] == 6 * 32
     assert report["explained_per_module"] == pytest.approx(explained.tolist(), abs=5e-5 + 1e-7)  # rounded to 4 places

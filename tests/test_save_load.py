@@ -22,6 +22,7 @@ from skipgpt import (
     save_routers,
     set_gate_mode,
 )
+from skipgpt.identity import weights_fingerprint
 
 IDS = random_ids(2, 12, seed=3)
 
@@ -76,7 +77,8 @@ def test_saved_files_describe_the_routers(tmp_path, kind):
     assert config["router"] | {"base_model": ""} == {
         "router": kind, "input_norm": True, "init": "execute", "init_bias": 0.0, "threshold": 0.25, "kv_policy": "keep",
         "routing": "skipgpt", "capacity": 1.0, "replacement": "lowrank", "replacement_rank": 16,
-        "model_type": "llama", "hidden_size": 32, "num_layers": 3, "base_model": "",
+        "model_type": "llama", "hidden_size": 32, "num_layers": 3, "base_model": "", "base_revision": "",
+        "base_fingerprint": weights_fingerprint(model),
     }
     tensors = load_file(str(tmp_path / "routers.safetensors"))
     assert sum(t.numel() for t in tensors.values()) == sum(p.numel() for p in router_parameters(model))

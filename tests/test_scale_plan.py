@@ -11,7 +11,7 @@ import torch
 from conftest import REPO
 from transformers import DynamicCache
 
-import skipgpt.training.losses as losses
+import skipgpt.next_token as next_token
 from skipgpt import RouterConfig, attach_routers, router_parameters, routing_state
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -95,7 +95,7 @@ def test_the_largest_batch_is_the_last_that_fits():
 @pytest.mark.parametrize("chunk_tokens", [None, 32])  # one logit chunk (nothing recomputed), or several (checkpointed)
 def test_the_activation_estimate_matches_the_saved_tensor_bytes(monkeypatch, dtype, chunk_tokens):
     if chunk_tokens:
-        monkeypatch.setattr(losses, "LOGIT_CHUNK_BYTES", chunk_tokens * 4 * scale.SHAPES["tiny"]["vocab_size"])
+        monkeypatch.setattr(next_token, "LOGIT_CHUNK_BYTES", chunk_tokens * 4 * scale.SHAPES["tiny"]["vocab_size"])
     check = scale.activation_check("tiny", dtype, batch=2, seq=64, layers=3)
     assert abs(check["ratio"] - 1) < ACTIVATION_TOLERANCE, check
 

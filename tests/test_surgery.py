@@ -349,3 +349,24 @@ def test_cached_decoding_routes_like_a_full_forward(arch):
         full = model(input_ids=out.sequences).logits[:, 3:-1]
     assert 0 < routing_state(model).stacked_gates().mean() < 1
     torch.testing.assert_close(torch.stack(out.logits, 1), full, rtol=0, atol=1e-5)
+
+
+def test_calling_the_inner_decoder_directly_sets_its_own_padding_mask(arch):
+    """``model.model(...)`` (the decoder without its LM head) gets the routing state of its own
+    call: the padding of its mask, not the last top-level call's."""
+    from conftest import left_padded
+
+    model = attach_routers(tiny_model(arch), RouterConfig(init_bias=0.0))
+    for p in model.parameters():
+        if p.dim() == 2 and p.shape[0] == 2:
+            torch.nn.init.normal_(p, std=1.0)
+    ids, mask = left_padded()
+    state = routing_state(model)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(mask))  # no padding
+        inner = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert torch.equal(state.token_mask, mask.bool())
+        gates = state.stacked_gates()
+        full = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+    assert torch.equal(state.stacked_gates(), gates)
+    assert torch.allclose(inner[mask.bool()], full[mask.bool()], atol=1e-5)

@@ -23,7 +23,8 @@ from skipgpt import (
     set_gate_mode,
 )
 from skipgpt.training.calibrate import achieved_ratio, calibrate_threshold
-from skipgpt.training.losses import dense_outputs, final_hidden_states, kl_divergence, routed_loss
+from skipgpt.next_token import final_hidden_states, kl_divergence
+from skipgpt.training.losses import dense_outputs, routed_loss
 from skipgpt.training.tune import tau_at, tune_routers
 
 SMALL = dict(target=0.3, steps=4, batch_size=2, seq_len=16, lr=1e-2, save_every=100)

@@ -19,10 +19,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..devices import input_device
+from ..next_token import sequence_nll
 from ..routing.adapters import KINDS, get_adapter
 from ..routing.surgery import attach_routers, detach_routers
 from ..training.importance import module_importance
-from ..training.losses import sequence_nll
 from .registry import StaticMethod, register
 from .structure import (
     PrunePlan,
@@ -53,7 +53,7 @@ def _finish(model: nn.Module, method: str, ratio: float, removed: list[tuple[int
     remove_modules(model, removed)
     plan = PrunePlan(
         method=method, target_ratio=ratio, removed=removed, achieved_ratio=removed_ratio(removed, counts),
-        base_model=str(getattr(model.config, "_name_or_path", "")), changed=changed() if changed else [],
+        changed=changed() if changed else [],
         extra={**extra, "decoder_params_before": before, "decoder_params_after": decoder_parameter_count(model),
                "prune_wall_s": round(time.perf_counter() - start, 2)},
     )

@@ -16,8 +16,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import SkipGPTError
+from ..next_token import sequence_nll
 from ..routing.adapters import get_adapter
-from ..training.losses import sequence_nll
 from .registry import StaticMethod, register
 from .structure import PrunePlan, decoder_parameter_count
 from .width import ATTN_IN, ATTN_OUT, LLAMA_FAMILY, MLP_IN, MLP_OUT, check_model, device_of, finish, shrink_linear, total_params

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..errors import SkipGPTError
 from ..files import write_json
+from ..identity import source_name, weights_fingerprint
 from .registry import get_method
 from .structure import PrunePlan
 
@@ -24,6 +25,9 @@ def save_pruned(model: nn.Module, plan: PrunePlan, out_dir: str | Path) -> Path:
     """Write the plan (and the tensors the method changed) atomically into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # The base as it was loaded: the plan's method has changed the weights since.
+    plan.base_model = plan.base_model or source_name(model)
+    plan.base_fingerprint = plan.base_fingerprint or getattr(model, "skipgpt_fingerprint", "") or ""
     if plan.changed:
         state = model.state_dict()
         missing = [n for n in plan.changed if n not in state]
@@ -44,8 +48,14 @@ def read_plan(path: str | Path) -> PrunePlan:
 
 
 def load_pruned(model: nn.Module, path: str | Path) -> PrunePlan:
-    """Apply a saved plan to the base model it was made from, in place."""
+    """Apply a saved plan to the base model it was made from, in place; refuse any other (by its
+    weights' fingerprint: layer indices of another model of the same depth would apply silently)."""
     plan = read_plan(path)
+    ours = weights_fingerprint(model) if plan.base_fingerprint else None
+    if ours is not None and ours != plan.base_fingerprint:
+        raise SkipGPTError(f"{path} was made from {plan.base_model!r} and this model's weights are not that model's "
+                           f"(fingerprint {ours}, the plan's {plan.base_fingerprint}): load it with --model {plan.base_model} "
+                           "(or leave --model out: --pruned loads the model its plan was made from)")
     get_method(plan.method).restructure(model, plan)
     if plan.changed:
         weights = load_file(str(Path(path) / WEIGHTS_NAME))

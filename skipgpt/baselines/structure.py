@@ -26,7 +26,8 @@ class PrunePlan:
     target_ratio: float
     removed: list[tuple[int, str]] = field(default_factory=list)  # (original layer index, "attn"|"mlp")
     achieved_ratio: float = 0.0  # decoder-layer parameters removed / decoder-layer parameters before
-    base_model: str = ""
+    base_model: str = ""  # the name the base was loaded by (a .gguf file itself, not its folder)
+    base_fingerprint: str = ""  # skipgpt/identity.py: which weights the plan applies to
     changed: list[str] = field(default_factory=list)  # parameter names saved in pruned.safetensors
     extra: dict[str, Any] = field(default_factory=dict)  # method-specific structure and diagnostics
 

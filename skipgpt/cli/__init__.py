@@ -15,6 +15,7 @@ from typing import Sequence
 from ..allocator import keep_freed_memory
 from ..errors import SkipGPTError
 from . import analyze, baselines, evaluate, export, generate, info, train
+from .common import resolve_model
 
 GROUPS = (info, train, evaluate, generate, export, baselines, analyze)
 
@@ -33,6 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.command_line = shlex.join(["skipgpt", *argv])  # recorded with results: how they were made
     keep_freed_memory()  # this process is ours: big per-step tensors reuse memory instead of faulting it in
     try:
+        resolve_model(args)
         args.handler(args)
     except SkipGPTError as err:
         print(f"skipgpt: error: {err}", file=sys.stderr)

@@ -12,21 +12,23 @@ from typing import Any, Iterator
 import torch
 from accelerate import Accelerator
 
-from ..baselines import load_pruned
+from ..baselines import load_pruned, read_plan
 from ..config import RouterConfig, TuneConfig
 from ..data import DATA_DIR_ENV, data_dir
 from ..devices import DTYPE_CHOICES, parse_max_memory
 from ..errors import SkipGPTError
 from ..lock import output_lock
+from ..lora import load_adapter
 from ..models import DEFAULT_MODEL, load_model
 from ..routing.save_load import load_routers
 from ..routing.surgery import has_routers
 from ..training import checkpoint
-from ..training.finetune import load_adapter
 from ..training.tune import RESULTS_NAME
 
 def model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help="builtin name, local HF dir, .gguf file or hub id (default: %(default)s)")
+    p.add_argument("--model", default=None,
+                   help=f"builtin name, local HF dir, .gguf file or hub id (default: {DEFAULT_MODEL}; with --pruned, the "
+                        "model the plan was made from)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="auto (default): the checkpoint's own dtype (bf16 for most LLMs) on a GPU, float32 on a CPU, where "
                         "half-precision matmuls are fast only on processors with AVX-512 BF16 or AMX; routers, replacements "
@@ -38,6 +40,14 @@ def model_args(p: argparse.ArgumentParser) -> None:
                         "auto, balanced, balanced_low_0 or sequential; overrides --device")
     p.add_argument("--max-memory", default=None, help="with --device-map: per-device limits, e.g. 0=70GiB,1=70GiB,cpu=200GiB")
     p.add_argument("--offload-folder", default=None, help="with --device-map: where weights that fit no device are offloaded")
+
+
+def resolve_model(args: argparse.Namespace) -> None:
+    """Fill in ``--model`` when it was not given: the base a ``--pruned`` plan records, else the
+    builtin default. Runs before any handler, so every record names the model actually used."""
+    if getattr(args, "model", "") is None:
+        pruned = getattr(args, "pruned", None)
+        args.model = (read_plan(pruned).base_model if pruned else "") or DEFAULT_MODEL
 
 
 def load_from_args(args: argparse.Namespace, **overrides: Any) -> tuple[Any, Any]:
@@ -60,6 +70,11 @@ def load_from_args(args: argparse.Namespace, **overrides: Any) -> tuple[Any, Any
     options = {"dtype": args.dtype, "device": device, "device_map": device_map,
                "max_memory": parse_max_memory(args.max_memory), "offload_folder": args.offload_folder}
     return load_model(args.model, **{**options, **overrides})
+
+
+def strict_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--strict", action="store_true",
+                   help="refuse --routers tuned on other weights of the same shape (a fine-tune) instead of warning")
 
 
 def data_dir_arg(p: argparse.ArgumentParser) -> None:
@@ -176,7 +191,7 @@ def routed_model(args: argparse.Namespace) -> tuple[Any, Any]:
     if args.routers:
         if has_routers(model):
             raise SkipGPTError(f"{args.model} carries its own routers (an exported model); omit --routers")
-        load_routers(model, args.routers)
+        load_routers(model, args.routers, strict=getattr(args, "strict", False))
     if args.adapter:
         model = load_adapter(model, args.adapter)
     return model, tokenizer

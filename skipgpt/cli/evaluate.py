@@ -17,6 +17,7 @@ from .common import (
     data_dir_arg,
     model_args,
     routed_model,
+    strict_arg,
 )
 
 
@@ -24,6 +25,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="perplexity and zero-shot accuracy, dense or routed, with sparsity statistics")
     model_args(p)
     data_dir_arg(p)
+    strict_arg(p)
     p.add_argument("--routers", help="router directory from 'skipgpt tune' (omit for the dense model)")
     p.add_argument("--adapter", help="LoRA adapter directory from 'skipgpt finetune'")
     p.add_argument("--pruned", help="pruned-model directory from 'skipgpt prune' or 'skipgpt compare'")

@@ -11,16 +11,17 @@ from ..evaluation.report import pct, table
 from ..files import write_json
 from ..inference.generate import GenerateConfig, generate
 from ..inference.speculative import parse_draft_tokens
-from ..routing.surgery import has_routers, routing_state
 from .common import (
     model_args,
     routed_model,
+    strict_arg,
 )
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="complete prompts with a routed model (skipped modules are not computed)")
     model_args(p)
+    strict_arg(p)
     p.add_argument("--routers", help="router directory (omit for the dense model)")
     p.add_argument("--adapter", help="LoRA adapter directory from 'skipgpt finetune'")
     p.add_argument("--pruned", help="pruned-model directory from 'skipgpt prune' or 'skipgpt compare'")
@@ -57,10 +58,8 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     draft = parse_draft_tokens(GenerateConfig.draft_tokens if args.draft_tokens is None else args.draft_tokens)
     cfg = GenerateConfig(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
                          top_p=args.top_p, top_k=args.top_k, seed=args.seed, chat=args.chat,
-                         speculative=args.speculative, draft_tokens=draft)
+                         speculative=args.speculative, draft_tokens=draft, routing="masked" if args.masked else "argmax")
     model, tokenizer = routed_model(args)
-    if has_routers(model):
-        routing_state(model).skip_compute = not args.masked
     result = generate(model, tokenizer, prompts, cfg)
     for prompt, text in zip(prompts, result.texts):
         print(f"### {prompt}\n{text}\n")

@@ -23,10 +23,11 @@ from ..training.tune import tune_routers
 from .common import (
     check_output,
     data_dir_arg,
-    load_from_args,
     default_train_data,
+    load_from_args,
     model_args,
     routed_model,
+    strict_arg,
     tune_args,
     tune_config,
     writing,
@@ -48,6 +49,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     data_dir_arg(p)
     p.add_argument("--data", default=None, help="training text, as for tune")
     p.add_argument("--routers", help="router directory from 'skipgpt tune' (SkipGPT-RT-L)")
+    strict_arg(p)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--joint", action="store_true", help="SkipGPT-Joint: fresh routers and LoRA trained together")
     mode.add_argument("--dense", action="store_true", help="Dense + LoRA: the same recipe without routers")
@@ -65,7 +67,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lora-targets", default=",".join(f.lora_targets), help="comma-separated module names")
     p.add_argument("--train-replacements", action="store_true",
                    help="RT-L: also train what skipped modules leave behind (the skip decisions stay frozen)")
-    p.add_argument("--target", type=float, default=f.joint.target, help="--joint: target sparsity")
+    p.add_argument("--target", type=float, default=None,
+                   help=f"--joint: target sparsity (default {f.joint.target}); RT-L: the ratio its threshold is re-set to after "
+                        "training (default: what the stage-1 routers delivered on the calibration text before LoRA)")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="keep the threshold the routers had: LoRA moves the hidden states they read, so the ratio moves too")
     p.add_argument("--target-unit", choices=["params", "modules"], default=f.joint.target_unit, help="--joint")
     p.add_argument("--router-lr", type=float, default=f.joint.lr, help="--joint: router learning rate")
     p.add_argument("--seed", type=int, default=f.seed)
@@ -80,6 +86,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     model_args(p)
     data_dir_arg(p)
     p.add_argument("--routers", required=True, help="router directory from 'skipgpt tune'")
+    strict_arg(p)
     p.add_argument("--adapter", help="LoRA adapter from 'skipgpt finetune': set the threshold for the fine-tuned model, whose "
                                      "hidden states the LoRA moved (the adapter is copied to --out beside the routers)")
     p.add_argument("--target", type=float, required=True, help="ratio argmax routing should deliver, in [0, 1)")
@@ -133,7 +140,9 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
         lr=args.lr, warmup_ratio=args.warmup_ratio, loss=args.loss, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout, lora_targets=tuple(t for t in args.lora_targets.split(",") if t),
         seed=args.seed, save_every=args.save_every, train_replacements=args.train_replacements, bf16=args.bf16,
-        joint=TuneConfig.from_dict({**base.to_dict(), "target": args.target, "target_unit": args.target_unit,
+        calibrate=not args.no_calibrate, target=args.target if mode == "routed" else None,
+        joint=TuneConfig.from_dict({**base.to_dict(), "target": base.target if args.target is None else args.target,
+                                    "target_unit": args.target_unit,
                                     "lr": args.router_lr, "steps": args.steps, "seed": args.seed}),
     )
     out = Path(args.out)
@@ -142,15 +151,20 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
         source = load_source(default_train_data(args), "train", args.data_dir)
         model, tokenizer = load_from_args(args)
         if args.routers:
-            load_routers(model, args.routers)
+            load_routers(model, args.routers, strict=args.strict)
         elif args.joint:
             attach_routers(model, RouterConfig())
         # The same split as 'tune': every mode trains on the same text, joint calibrates on the held-out tail.
         train_ids, calib_ids = training_sequences(tokenizer, source.documents, cfg.seq_len, base.calib_sequences, base.calib_seq_len)
         _, results = finetune(model, train_ids, cfg, out, resume=args.resume, calib_ids=calib_ids,
                               meta={"model": args.model, "routers": args.routers, "data": source.description})
-    print(table(["field", "value"], [("result", results["stage"]), ("adapter", args.out),
-                                     ("tokens trained", results["tokens_trained"]), ("wall time", f"{results['wall_s']:.0f} s")]))
+    rows = [("result", results["stage"]), ("adapter", args.out), ("tokens trained", results["tokens_trained"]),
+            ("wall time", f"{results['wall_s']:.0f} s")]
+    cal = results["calibration"]
+    if cal and "ratio_stage1" in cal:
+        rows += [("ratio before LoRA (calibration text)", pct(cal["ratio_stage1"])),
+                 ("after LoRA, stage-1 threshold", pct(cal["ratio_before"])), ("after re-calibration", pct(cal["ratio_after"]))]
+    print(table(["field", "value"], rows))
     return results
 
 

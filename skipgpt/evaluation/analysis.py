@@ -27,6 +27,7 @@ import torch
 from ..data import tokenize
 from ..devices import input_device
 from ..errors import SkipGPTError
+from ..lora import ADAPTER_CONFIG
 from ..routing.save_load import CONFIG_NAME, read_router_config
 from ..routing.save_load import router_dir as resolve_router_dir
 from ..routing.surgery import (
@@ -39,7 +40,6 @@ from ..routing.surgery import (
     routing_state,
 )
 
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,9 +10,9 @@ from typing import Any, Callable, Sequence
 
 from ..errors import SkipGPTError
 from ..files import write_json
+from ..lora import load_adapter
 from ..routing.save_load import load_routers
 from ..routing.surgery import detach_routers, has_routers
-from ..training.finetune import load_adapter
 from . import analysis, plots
 from .report import pct, table
 

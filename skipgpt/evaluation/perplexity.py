@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 from ..data import load_source, tokenize
 from ..devices import input_device
 from ..errors import SkipGPTError
+from ..next_token import sequence_nll
 from ..routing.surgery import gate_mode, has_routers, measure_sparsity
-from ..training.losses import sequence_nll
 
 BOS_NOTE = "no BOS; windows cut from one token stream, first token of each window unscored"
 

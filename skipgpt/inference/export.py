@@ -17,10 +17,11 @@ from typing import Any
 import torch
 
 from ..files import write_json
+from ..identity import weights_fingerprint
+from ..lora import load_adapter
 from ..models import load_model, saved_dtype
 from ..routing.save_load import load_routers, save_routers
-from ..routing.surgery import detach_routers, has_routers
-from ..training.finetune import load_adapter
+from ..routing.surgery import detach_routers, has_routers, routing_state
 
 EXPORT_NAME = "skipgpt_export.json"
 
@@ -46,6 +47,8 @@ def export_model(model_name: str, out_dir: str | Path, *, routers: str | None = 
         info: dict[str, Any] = {"base_model": model_name, "routers": routers, "adapter": adapter, "lora_merged": bool(adapter),
                                 "dtype": str(model.dtype).removeprefix("torch.")}
         if has_routers(model):
+            # The exported weights (LoRA merged) are what the routers now load onto.
+            routing_state(model).config.base_fingerprint = weights_fingerprint(model) or ""
             save_routers(model, staging, extra={"export": info})
             detach_routers(model)
         model.save_pretrained(staging)

@@ -13,15 +13,19 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import torch
 
 from ..config import JsonConfig
 from ..devices import input_device
 from ..errors import SkipGPTError
-from ..routing.surgery import has_routers, measure_sparsity
+from ..routing.sparsity import SparsityMeter
+from ..routing.surgery import gate_mode, has_routers, measure_sparsity, routing_state
 from .speculative import AUTO_START, Sampling, parse_draft_tokens, speculative_decode
+
+
+ROUTINGS = ("argmax", "masked", "dense")
 
 
 @dataclass
@@ -35,6 +39,15 @@ class GenerateConfig(JsonConfig):
     chat: bool = False  # wrap each prompt in the tokenizer's chat template (instruct models)
     speculative: bool = False  # the routed model drafts, the dense model (same weights) decides
     draft_tokens: int | str = AUTO_START  # tokens drafted per round, or "auto"
+    # How a routed model computes: "argmax" (skip for real, the deployed model), "masked" (every
+    # module computed, multiplied by its argmax gate: the reference the skipping path must equal)
+    # or "dense" (the routers ignored). Never the model's current gate mode: after training that may
+    # be "gumbel", whose random decisions are not the model anyone evaluated.
+    routing: Literal["argmax", "masked", "dense"] = "argmax"
+
+    def __post_init__(self) -> None:
+        if self.routing not in ROUTINGS:
+            raise SkipGPTError(f"routing must be one of {', '.join(ROUTINGS)}, got {self.routing!r}")
 
 
 @dataclass
@@ -58,6 +71,23 @@ def _encode(tokenizer: Any, prompts: Sequence[str], chat: bool, device: torch.de
     return tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=not chat).to(device)
 
 
+@contextlib.contextmanager
+def _routing(model: torch.nn.Module, routing: str) -> Iterator[SparsityMeter | None]:
+    """Argmax (or dense) gates and the chosen computation for the block, the model's own settings
+    restored after it; the sparsity meter of a routed model (None for a plain one)."""
+    if not has_routers(model):
+        yield None
+        return
+    state = routing_state(model)
+    saved = state.skip_compute
+    state.skip_compute = routing != "masked"
+    try:
+        with gate_mode(model, "dense" if routing == "dense" else "argmax"), measure_sparsity(model) as meter:
+            yield meter
+    finally:
+        state.skip_compute = saved
+
+
 def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], cfg: GenerateConfig | None = None) -> Generation:
     """Complete each prompt; routed models skip for real (argmax routing, KV policy ``keep``)."""
     cfg = cfg or GenerateConfig()
@@ -77,10 +107,9 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], cfg
         )
     sampling = dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k) if cfg.do_sample else dict(do_sample=False)
     torch.manual_seed(cfg.seed)
-    meter_ctx = measure_sparsity(model) if has_routers(model) else contextlib.nullcontext()
     stats = None
     start = time.perf_counter()
-    with torch.no_grad(), meter_ctx as meter:
+    with torch.no_grad(), _routing(model, cfg.routing) as meter:
         if cfg.speculative:
             out, stats = speculative_decode(
                 model, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=cfg.max_new_tokens,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from torch import nn
 from ..config import RouterConfig
 from ..errors import SkipGPTError
 from ..files import atomic_write, write_json
+from ..identity import weights_fingerprint
 from .adapters import get_adapter
 from .surgery import attach_routers, detach_routers, routing_state
 
@@ -106,9 +108,24 @@ def read_router_weights(name_or_path: str | os.PathLike) -> dict[str, torch.Tens
         raise SkipGPTError(f"{weights} is corrupt ({err}); re-run 'skipgpt tune' or restore the file") from None
 
 
-def load_routers(model: nn.Module, name_or_path: str | os.PathLike) -> nn.Module:
+def _check_fingerprint(model: nn.Module, config: RouterConfig, name: str | os.PathLike, strict: bool) -> None:
+    """Same shape, other weights (a fine-tune, a sibling checkpoint): the routers run but were not
+    trained for these hidden states. Sets saved before fingerprints were recorded are not checked."""
+    ours = weights_fingerprint(model) if config.base_fingerprint else None
+    if ours is None or ours == config.base_fingerprint:
+        return
+    message = (f"the routers in {name} were tuned on {config.base_model!r} (weights fingerprint {config.base_fingerprint}), "
+               f"but this model's weights differ (fingerprint {ours}): a fine-tune or another checkpoint of the same "
+               "shape, for whose hidden states the routers were not trained")
+    if strict:
+        raise SkipGPTError(f"{message}; load them onto the model they were tuned on, or drop --strict")
+    warnings.warn(f"{message} (a float16 model can also round differently; --strict refuses)", stacklevel=3)
+
+
+def load_routers(model: nn.Module, name_or_path: str | os.PathLike, *, strict: bool = False) -> nn.Module:
     """Attach routers saved by :func:`save_routers` (a directory or a builtin name) onto ``model``,
-    refusing a different base model."""
+    refusing a base model of another shape, and warning (``strict``: refusing) where the weights
+    are not those the routers were tuned on."""
     data = read_router_config(name_or_path)
     directory = router_dir(name_or_path)
     config = RouterConfig.from_dict(data["router"])
@@ -127,6 +144,7 @@ def load_routers(model: nn.Module, name_or_path: str | os.PathLike) -> nn.Module
             f"and {expected[2]} layers (base {config.base_model!r}), but this model is a {actual[0]} with "
             f"hidden size {actual[1]} and {actual[2]} layers; load them onto the model they were trained on"
         )
+    _check_fingerprint(model, config, name_or_path, strict)
     tensors = read_router_weights(name_or_path)
     attach_routers(model, config)
     try:

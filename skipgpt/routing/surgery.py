@@ -17,6 +17,7 @@ from torch import nn
 from ..config import RouterConfig
 from ..devices import input_device, module_device
 from ..errors import SkipGPTError
+from ..identity import revision, source_name, weights_fingerprint
 from .adapters import KINDS, ArchAdapter, get_adapter
 from .forward import after_model_forward, before_model_forward, routed_layer_forward
 from .routers import GATE_MODES, GateMode, Router, argmax_straight_through
@@ -60,7 +61,9 @@ def attach_routers(model: nn.Module, config: RouterConfig | None = None) -> nn.M
     config.model_type = model.config.model_type
     config.hidden_size = text_config.hidden_size
     config.num_layers = len(layers)
-    config.base_model = config.base_model or str(getattr(model.config, "_name_or_path", ""))
+    if not config.base_model:  # a set loaded from disk keeps the base it was made on
+        config.base_model, config.base_revision = source_name(model), revision(model)
+        config.base_fingerprint = weights_fingerprint(model) or ""
     replacement_params = []
     for layer in layers:
         layer.skip_routers = nn.ModuleDict({k: Router(config.hidden_size, config) for k in KINDS}).to(module_device(layer))
@@ -77,9 +80,13 @@ def attach_routers(model: nn.Module, config: RouterConfig | None = None) -> nn.M
             layer._old_forward = types.MethodType(routed_layer_forward, layer)
         else:
             layer.forward = types.MethodType(routed_layer_forward, layer)
+    # On the decoder itself, not the model around it: a call of the inner decoder (``model.model``,
+    # ``get_decoder()``, what some pipelines and lm-eval wrappers do) then sets its own padding mask
+    # instead of reusing the last top-level call's.
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     state.hooks = [
-        model.register_forward_pre_hook(lambda _m, a, k: before_model_forward(state, a, k), with_kwargs=True),
-        model.register_forward_hook(lambda _m, _a, _o: after_model_forward(state)),
+        decoder.register_forward_pre_hook(lambda _m, a, k: before_model_forward(state, a, k), with_kwargs=True),
+        decoder.register_forward_hook(lambda _m, _a, _o: after_model_forward(state)),
     ]
     model.skipgpt_state = state
     return model

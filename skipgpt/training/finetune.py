@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -22,17 +23,12 @@ from accelerate import Accelerator
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import get_cosine_schedule_with_warmup
 
-from ..config import JsonConfig, TuneConfig
+from ..config import JsonConfig, TuneConfig, check_target
 from ..errors import SkipGPTError
 from ..files import write_json
-from ..routing.save_load import (
-    CONFIG_NAME,
-    load_routers_state_dict,
-    read_router_config,
-    read_router_weights,
-    routers_state_dict,
-    save_routers,
-)
+from ..lora import check_adapter_dir
+from ..next_token import final_hidden_states
+from ..routing.save_load import load_routers_state_dict, routers_state_dict, save_routers
 from ..routing.surgery import (
     gate_mode,
     has_routers,
@@ -43,13 +39,12 @@ from ..routing.surgery import (
     set_gate_mode,
 )
 from . import checkpoint
-from .calibrate import calibrate_threshold
+from .calibrate import achieved_ratio, calibrate_threshold
 from .loop import LoopSpec, run_loop, run_summary
-from .losses import Teacher, TeacherOutput, final_hidden_states, lm_loss, routed_loss
+from .losses import Teacher, TeacherOutput, lm_loss, routed_loss
 from .tune import RESULTS_NAME, tau_at
 
 Mode = Literal["routed", "joint", "dense"]
-ADAPTER_CONFIG = "adapter_config.json"
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -77,6 +72,12 @@ class FinetuneConfig(JsonConfig):
     seed: int = 0
     save_every: int = 50
     bf16: bool = False  # autocast; LoRA weights, routers and replacements stay float32
+    # RT-L: LoRA moves the hidden states the frozen routers read, so the stage-1 threshold no longer
+    # delivers its ratio (a set at 23.6 % skipped 16.2 % after 110 LoRA steps). After training the
+    # threshold is re-set on the held-out calibration text to ``target``, by default the ratio the
+    # stage-1 routers delivered on that text before LoRA. False keeps the stage-1 threshold.
+    calibrate: bool = True
+    target: float | None = None
     # Joint mode only: the router half of the recipe (target, unit, α, τ schedule, router lr).
     joint: TuneConfig = field(default_factory=TuneConfig)
 
@@ -90,6 +91,10 @@ class FinetuneConfig(JsonConfig):
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "save_every", "lora_r"):
             if getattr(self, name) < 1:
                 raise SkipGPTError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.target is not None and self.mode != "routed":
+            raise SkipGPTError("finetune's target re-calibrates RT-L (--routers DIR); --joint takes its own --target")
+        if self.target is not None:
+            check_target(self.target)
         if self.train_replacements and self.mode != "routed":
             raise SkipGPTError("--train-replacements belongs to SkipGPT-RT-L (--routers DIR): joint mode trains them "
                                "with its routers, and dense fine-tuning has none")
@@ -105,38 +110,6 @@ def add_lora(model: torch.nn.Module, cfg: FinetuneConfig) -> PeftModel:
         return get_peft_model(model, lora)
     except ValueError as err:
         raise SkipGPTError(f"cannot add LoRA to {cfg.lora_targets}: {err}") from None
-
-
-def _check_adapter_dir(adapter_dir: str | Path) -> None:
-    if not (Path(adapter_dir) / ADAPTER_CONFIG).is_file():
-        raise SkipGPTError(f"no {ADAPTER_CONFIG} in {adapter_dir}: pass the output directory of 'skipgpt finetune'")
-
-
-def _check_replacements(model: torch.nn.Module, adapter_dir: str | Path) -> None:
-    """An adapter fine-tuned with ``train_replacements`` was trained with the replacements saved
-    beside it: with any others (the stage-1 set it started from) it is a different model."""
-    if not (Path(adapter_dir) / CONFIG_NAME).is_file():
-        return
-    if not read_router_config(adapter_dir).get("training", {}).get("train_replacements"):
-        return
-    theirs = {k: v for k, v in read_router_weights(adapter_dir).items() if ".replacement." in k}
-    ours = routers_state_dict(model) if has_routers(model) else {}
-    if any(k not in ours or not torch.equal(ours[k], v) for k, v in theirs.items()):
-        raise SkipGPTError(f"the adapter in {adapter_dir} was fine-tuned together with its replacements: "
-                           f"load the routers saved beside it (--routers {adapter_dir})")
-
-
-def load_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> PeftModel:
-    """Put a saved LoRA adapter onto ``model`` (which carries its routers already, if any)."""
-    _check_adapter_dir(adapter_dir)
-    _check_replacements(model, adapter_dir)
-    try:
-        return PeftModel.from_pretrained(model, str(adapter_dir))
-    except (RuntimeError, ValueError, KeyError) as err:
-        raise SkipGPTError(
-            f"the adapter in {adapter_dir} does not fit this model ({str(err).splitlines()[0]}); "
-            "load it onto the base model it was trained on"
-        ) from None
 
 
 def _staged(out: Path, fill: Callable[[Path], Any]) -> None:
@@ -158,7 +131,7 @@ def _save_adapter(peft_model: PeftModel, out: Path) -> None:
 def copy_adapter(adapter_dir: str | Path, out: str | Path) -> None:
     """Put a saved adapter beside re-calibrated routers, so that ``--routers OUT --adapter OUT``
     is again one RT-L model."""
-    _check_adapter_dir(adapter_dir)
+    check_adapter_dir(adapter_dir)
     files = sorted(Path(adapter_dir).glob("adapter_*"))  # PEFT's adapter_config.json and weights
     _staged(Path(out), lambda staging: [shutil.copy2(f, staging / f.name) for f in files])
 
@@ -173,6 +146,17 @@ def _base_model_teacher(peft_model: PeftModel) -> Teacher:
             return final_hidden_states(peft_model, batch), states
 
     return teacher
+
+
+def _stage1_ratio(model: torch.nn.Module, cfg: FinetuneConfig, calib_ids: torch.Tensor | None) -> dict[str, float] | None:
+    """What RT-L re-calibrates to, measured before LoRA moves anything: the stage-1 routers' ratio
+    on the calibration text (and their threshold), and the target (``cfg.target`` or that ratio)."""
+    if cfg.mode != "routed" or not cfg.calibrate or calib_ids is None:
+        return None
+    state = routing_state(model)
+    ratio = achieved_ratio(model, calib_ids, cfg.joint.target_unit)
+    return {"target": ratio if cfg.target is None else cfg.target, "ratio_stage1": ratio,
+            "threshold_stage1": state.config.threshold}
 
 
 def finetune(
@@ -191,6 +175,8 @@ def finetune(
 
     Joint mode trains its routers from scratch, so, like ``tune``, it calibrates their threshold on
     ``calib_ids`` (held-out training text) afterwards: the ablation then compares at the same ratio.
+    RT-L re-sets the frozen routers' threshold there too (``cfg.calibrate``), to the ratio they
+    delivered before LoRA (or ``cfg.target``): the LoRA moves the hidden states they read.
     """
     out = Path(out_dir)
     routed = cfg.mode != "dense"
@@ -202,6 +188,7 @@ def finetune(
     accelerator = Accelerator()
     torch.manual_seed(cfg.seed + accelerator.process_index)
     routers_before = routers_state_dict(model) if routed else {}
+    stage1 = _stage1_ratio(model, cfg, calib_ids) if accelerator.is_main_process else None
     peft_model = add_lora(model, cfg)  # freezes everything but LoRA
     groups = [{"params": [p for n, p in peft_model.named_parameters() if "lora_" in n], "lr": cfg.lr}]
     trained_router_params: list[torch.nn.Parameter] = []
@@ -257,8 +244,13 @@ def finetune(
     calibration: dict[str, Any] | None = None
     if routed:
         set_gate_mode(model, "argmax")
-        if cfg.mode == "joint" and cfg.joint.calibrate and calib_ids is not None and accelerator.is_main_process:
+        if cfg.mode == "joint" and cfg.calibrate and cfg.joint.calibrate and calib_ids is not None and accelerator.is_main_process:
             calibration = calibrate_threshold(peft_model, calib_ids, cfg.joint.target, cfg.joint.target_unit)
+        if stage1 is not None and accelerator.is_main_process:
+            calibration = {**stage1, **calibrate_threshold(peft_model, calib_ids, stage1["target"], cfg.joint.target_unit)}
+            print(f"skipgpt: RT-L ratio on the calibration text: {stage1['ratio_stage1']:.4f} before LoRA, "
+                  f"{calibration['ratio_before']:.4f} after it at the stage-1 threshold, {calibration['ratio_after']:.4f} "
+                  f"with the threshold re-set for {stage1['target']:.4f}", file=sys.stderr)
         if cfg.mode == "routed" and any(
             not torch.equal(routers_before[k], v) for k, v in routers_state_dict(model).items()
             if not (cfg.train_replacements and ".replacement." in k)
