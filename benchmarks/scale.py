@@ -66,7 +66,7 @@ from skipgpt.training import tune as tune_module  # noqa: E402
 from skipgpt.training.loop import LOG_NAME  # noqa: E402
 from skipgpt.next_token import logit_chunk_tokens  # noqa: E402
 from skipgpt.training.losses import routed_loss  # noqa: E402
-from skipgpt.training.replacements import fit_sequence_count  # noqa: E402
+from skipgpt.training.replacements import fit_batch_size, fit_sequence_count  # noqa: E402
 
 GiB = 2**30
 F32 = 4  # bytes of a float32: routers, their statistics, logits and optimizer state are float32
@@ -256,16 +256,14 @@ def layer_forward_bytes(d: Dims, elem: int, tokens: int) -> int:
     return tokens * elem * (3 * d.intermediate + 2 * d.hidden)
 
 
-FIT_BATCH = 4  # sequences per forward of fit_replacements (its default batch_size)
-
-
 def fit_bytes(d: Dims, elem: int, tokens: int, seq: int) -> int:
     """Extra memory of the replacement fit, which streams the model one layer at a time
     (skipgpt/training/replacements.py): the fit tokens' hidden states entering the layer, [N, d]
     in the model dtype; x̂ᵀx̂ and x̂ᵀy summed in float32 for the layer's two modules (four d × d);
     the solve of one module in float64 (covariance, cross-covariance and the regression, three
     d × d); and the layer's forward over one batch of the fit."""
-    return tokens * d.hidden * elem + 4 * F32 * d.hidden**2 + 3 * 8 * d.hidden**2 + layer_forward_bytes(d, elem, FIT_BATCH * seq)
+    batch_tokens = fit_batch_size(seq) * seq
+    return tokens * d.hidden * elem + 4 * F32 * d.hidden**2 + 3 * 8 * d.hidden**2 + layer_forward_bytes(d, elem, batch_tokens)
 
 
 def eval_working_bytes(d: Dims, elem: int, tokens: int) -> int:

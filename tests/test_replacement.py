@@ -26,7 +26,14 @@ from skipgpt.routing.surgery import deployed_gates, gate_mode, observe_dense, ro
 from skipgpt.training import replacements
 from skipgpt.training.calibrate import achieved_ratio
 from skipgpt.training.losses import dense_outputs, lm_loss
-from skipgpt.training.replacements import Moments, Statistics, fit_replacements, fit_sequence_count, reduced_rank_fit
+from skipgpt.training.replacements import (
+    Moments,
+    Statistics,
+    fit_batch_size,
+    fit_replacements,
+    fit_sequence_count,
+    reduced_rank_fit,
+)
 from skipgpt.training.tune import lr_factor, tune_routers
 
 LOWRANK = RouterConfig(replacement="lowrank", replacement_rank=4)
@@ -288,7 +295,8 @@ def test_fit_tokens_grow_with_the_hidden_size():
     small = attach_routers(tiny_model("llama"), LOWRANK)
     wide = attach_routers(tiny_model("llama", hidden_size=4096, num_hidden_layers=1), LOWRANK)
     assert fit_sequence_count(small, None, 256) == 32  # 8192 tokens
-    assert fit_sequence_count(small, None, 1024) == 32  # never fewer than 32 sequences
+    assert fit_sequence_count(small, None, 1024) == 8  # tokens count, not sequences
+    assert fit_batch_size(256) == 4 and fit_batch_size(2048) == 1  # 1,024 tokens a forward, at least a sequence
     assert fit_sequence_count(wide, None, 256) == 64  # 4 · 4096 tokens
     assert fit_sequence_count(wide, 5, 256) == 5  # an explicit count is kept
     assert TuneConfig().fit_sequences is None

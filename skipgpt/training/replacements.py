@@ -43,16 +43,25 @@ SUBSPACE_STEPS = 12
 # A d-dimensional regression needs several tokens per dimension, or its ridge term decides it.
 MIN_FIT_TOKENS = 8192
 TOKENS_PER_DIMENSION = 4
-MIN_FIT_SEQUENCES = 32
+# Tokens per forward of the fit: the streamed layer's activations over one batch are the fit's
+# largest transient (its MLP's 3·tokens·intermediate values), so a batch is counted in tokens,
+# not sequences: 4 × 256 as before, one sequence of 1,024 or more.
+FIT_BATCH_TOKENS = 1024
 
 
 def fit_sequence_count(model: nn.Module, requested: int | None, seq_len: int) -> int:
     """``TuneConfig.fit_sequences``, None resolved to enough sequences of ``seq_len`` for
-    max(8192, 4·d) tokens (at least 32): a fixed count starves the regression as d grows."""
+    max(8192, 4·d) tokens (32 of 256 for a small model): a fixed count starves the regression as
+    d grows, and a count of long sequences holds more tokens than the regression needs."""
     if requested is not None:
         return requested
     tokens = max(MIN_FIT_TOKENS, TOKENS_PER_DIMENSION * routing_state(model).config.hidden_size)
-    return max(MIN_FIT_SEQUENCES, math.ceil(tokens / seq_len))
+    return math.ceil(tokens / seq_len)
+
+
+def fit_batch_size(seq_len: int) -> int:
+    """Sequences per forward of the fit: :data:`FIT_BATCH_TOKENS` of them, at least one."""
+    return max(1, FIT_BATCH_TOKENS // seq_len)
 
 
 class Moments:
@@ -260,8 +269,9 @@ def _fit_layer(layer: nn.Module, batches: list[_Batch], rank: int) -> list[Fit]:
 
 
 @torch.no_grad()
-def fit_replacements(model: nn.Module, sequences: torch.Tensor, batch_size: int = 4) -> dict[str, Any]:
-    """Fit every replacement to its dense module on ``sequences`` (every module executing).
+def fit_replacements(model: nn.Module, sequences: torch.Tensor, batch_size: int | None = None) -> dict[str, Any]:
+    """Fit every replacement to its dense module on ``sequences`` (every module executing), in
+    forwards of ``batch_size`` sequences (default: :func:`fit_batch_size`).
 
     Returns the share of each module's output power that the fit explains on that text (R²,
     also averaged over attention and MLP modules), a check that the start is better than nothing.
@@ -275,7 +285,7 @@ def fit_replacements(model: nn.Module, sequences: torch.Tensor, batch_size: int 
     scores: list[torch.Tensor] = []
     try:
         with gate_mode(model, "dense"):
-            batches = _record_inputs(model, layers, sequences, batch_size)
+            batches = _record_inputs(model, layers, sequences, batch_size or fit_batch_size(sequences.shape[1]))
             for layer in layers:
                 for kind, fit in zip(KINDS, _fit_layer(layer, batches, first.rank), strict=True):
                     _assign(layer.skip_routers[kind].replacement, fit)
