@@ -324,3 +324,21 @@ def test_cli_speculative_generation_prints_the_dense_models_text(model_dir, tmp_
         assert spec["texts"] == dense["texts"]
         assert 0 < spec["speculative"]["acceptance_rate"] < 1 and spec["speculative"]["mean_accepted_length"] >= 1
         assert 0 < spec["sparsity"]["module_sparsity"] < 1  # the draft's, not the verifier's zero
+
+
+def test_small_batches_exercise_rejection_at_every_draft_position_and_follow_the_dense_distribution():
+    """One batch of DRAWS rows commits the minimum accepted count over all rows, so a rejection past
+    the first draft position and its residual draw almost never happen there. Batches of 2 rows
+    with their own seeds reach both draft positions (counted), the bonus token, and still sample
+    exactly the dense distribution."""
+    model = routed("llama", threshold=0.0)
+    counts, residual_at, bonus = Counter(), [0, 0], 0
+    for seed in range(DRAWS // 2):
+        out, stats = speculative_decode(model, PROMPT.expand(2, -1), max_new_tokens=NEW_TOKENS, draft_tokens=2,
+                                        sampling=SAMPLING, seed=seed, eos_token_id=NO_EOS)
+        counts.update(map(tuple, out[:, PROMPT.shape[1]:].tolist()))
+        residual_at = [a + b for a, b in zip(residual_at, stats.residual_at + [0, 0])]
+        bonus += stats.bonus
+    assert min(residual_at) >= 200 and bonus >= 200, (residual_at, bonus)
+    stat, critical = chi_square(counts, exact_distribution(model, PROMPT), DRAWS)
+    assert stat < critical

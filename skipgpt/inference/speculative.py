@@ -105,6 +105,10 @@ class SpeculativeStats:
     accepted: int = 0  # of those, accepted (each row's own longest accepted prefix)
     committed_drafts: int = 0  # accepted drafts committed (the batch rule's minimum), summed over rounds
     draft_lengths: list[int] = field(default_factory=list)  # k of each round ("auto" changes it)
+    # Sampling: rows whose committed token at draft position j was drawn from the residual
+    # max(0, p − q) (their first rejection was there), and rows that drew a bonus token from p.
+    residual_at: list[int] = field(default_factory=list)
+    bonus: int = 0
 
     @property
     def acceptance_rate(self) -> float:
@@ -118,7 +122,7 @@ class SpeculativeStats:
     def summary(self) -> dict[str, Any]:
         return {"rounds": self.rounds, "drafted": self.drafted, "accepted": self.accepted,
                 "acceptance_rate": self.acceptance_rate, "mean_accepted_length": self.mean_accepted_length,
-                "draft_lengths": list(self.draft_lengths)}
+                "draft_lengths": list(self.draft_lengths), "residual_at": list(self.residual_at), "bonus": self.bonus}
 
 
 def _accept(p_draft: torch.Tensor, q_draft: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -244,8 +248,11 @@ class SpeculativeDecoder:
             n = int(accepted[live].min())
             if n == k:  # every live row accepted everything: a bonus token from p
                 last = _sample(p[:, k], self.generator)
+                self.stats.bonus += int(live.sum())
             else:
                 last = torch.where(accepted > n, drafts[:, n], _sample(_residual(p[:, n], q[:, n]), self.generator))
+                self.stats.residual_at += [0] * (n + 1 - len(self.stats.residual_at))
+                self.stats.residual_at[n] += int((live & (accepted == n)).sum())
             block = torch.cat([drafts[:, :n], last[:, None]], dim=1)
         self._commit(block)
         self._roll_back()
