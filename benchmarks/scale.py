@@ -985,7 +985,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     run.add_argument("--tune-batch", type=int, default=1)
     run.add_argument("--tune-seq", type=int, default=256)
     run.add_argument("--fit-tokens", type=int, help="tokens of the replacement fit (default: the package's, "
-                     "max(8192, 4 x hidden) tokens and at least 32 sequences)")
+                     "max(8192, 4 x hidden) tokens)")
     run.add_argument("--checkpointing", action="store_true", help="activation checkpointing while tuning")
     run.add_argument("--calibrate", action="store_true", help="calibrate the threshold after tuning")
     run.add_argument("--eval-tokens", type=int, default=2048)

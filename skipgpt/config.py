@@ -152,7 +152,7 @@ class TuneConfig(JsonConfig):
     hidden_distill: float = 0.0
     # Training sequences on which replacements (RouterConfig.replacement) are fitted to the dense
     # modules before tuning starts. None: enough of seq_len for max(8192, 4 × hidden size) tokens,
-    # at least 32 (skipgpt.training.replacements.fit_sequence_count): a d-dimensional regression
+    # counted in tokens (skipgpt.training.replacements.fit_sequence_count): a d-dimensional regression
     # on fewer tokens than d is mostly its ridge term.
     fit_sequences: int | None = None
     # KL to the frozen dense model beat the paper's next-token NLL by 4x in perplexity at the same

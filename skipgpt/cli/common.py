@@ -117,7 +117,7 @@ def tune_args(p: argparse.ArgumentParser, steps: int) -> None:
                    help="rank of --replacement lowrank (default: %(default)s)")
     p.add_argument("--fit-sequences", type=int, default=d.fit_sequences,
                    help="training sequences the replacements are fitted on before tuning (default: enough of --seq-len "
-                        "for max(8192, 4 x hidden size) tokens, at least 32)")
+                        "for max(8192, 4 x hidden size) tokens: 32 of 256 for a small model)")
     p.add_argument("--router", choices=["linear", "mlp"], default=RouterConfig.router)
     p.add_argument("--init", choices=["execute", "importance"], default=RouterConfig.init,
                    help="start from the dense model, or from the static module cut by Block Influence")

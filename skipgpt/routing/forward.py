@@ -85,11 +85,11 @@ def _shared_normalised(router: nn.Module, hidden: torch.Tensor, state: RoutingSt
     """``rms_normalised(hidden)`` once for the router and its low-rank replacement, where the
     masked computation runs both on every token (training, the reference computation): autograd
     then keeps one float32 copy of it for the two linear maps' weight gradients instead of two."""
+    if sparse or state.mode not in ("gumbel", "argmax"):  # inference: one test per module, nothing else
+        return None
     replacement = router.replacement
     both = router.input_norm and replacement is not None and replacement.rank and state.config.routing == "skipgpt"
-    if sparse or not both or state.mode not in ("gumbel", "argmax"):
-        return None
-    return rms_normalised(hidden)
+    return rms_normalised(hidden) if both else None
 
 
 def before_model_forward(state: RoutingState, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
