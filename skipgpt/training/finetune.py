@@ -73,9 +73,9 @@ class FinetuneConfig(JsonConfig):
     save_every: int = 50
     bf16: bool = False  # autocast; LoRA weights, routers and replacements stay float32
     # RT-L: LoRA moves the hidden states the frozen routers read, so the stage-1 threshold no longer
-    # delivers its ratio (a set at 23.6 % skipped 16.2 % after 110 LoRA steps). After training the
-    # threshold is re-set on the held-out calibration text to ``target``, by default the ratio the
-    # stage-1 routers delivered on that text before LoRA. False keeps the stage-1 threshold.
+    # delivers the ratio it was set for. After training the threshold is re-set on the held-out
+    # calibration text to ``target``, by default the ratio the stage-1 routers delivered on that text
+    # before LoRA. False keeps the stage-1 threshold.
     calibrate: bool = True
     target: float | None = None
     # Joint mode only: the router half of the recipe (target, unit, α, τ schedule, router lr).
