@@ -41,6 +41,7 @@ except ImportError:  # older versions always dequantize GGUF files
 from .devices import checkpoint_dtype, resolve_dtype, runs_on_cpu
 from .errors import SkipGPTError
 from .identity import weights_fingerprint
+from .routing.hub import CONFIG_KEY, exported_settings, routed_model_class
 from .routing.save_load import CONFIG_NAME, load_routers
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -154,7 +155,8 @@ def load_model(
     if "gguf_file" in kwargs:
         model = _load_gguf_model(Path(path) / kwargs["gguf_file"], dtype, **placement)
     else:
-        model = _from_pretrained(AutoModelForCausalLM, name_or_path, path, dtype=dtype, **kwargs, **placement)
+        model_class = _routed_class(name_or_path, path, config) or AutoModelForCausalLM
+        model = _from_pretrained(model_class, name_or_path, path, dtype=dtype, **kwargs, **placement)
     if device_map is None:
         model.to(device)
     model.eval()
@@ -163,8 +165,19 @@ def load_model(
     model.skipgpt_source = _source_of(name_or_path, path, kwargs)
     model.skipgpt_fingerprint = weights_fingerprint(model)  # before anything (a pruning method) edits the weights
     if "gguf_file" not in kwargs and (Path(path) / CONFIG_NAME).is_file():
-        load_routers(model, path)  # a directory written by `skipgpt export` carries its routers
+        load_routers(model, path)  # an export of skipgpt < 0.3 keeps its routers in separate files
     return model, _load_tokenizer_from(name_or_path, path, kwargs, model.config)
+
+
+def _routed_class(name_or_path: str, path: str, config: PreTrainedConfig | None) -> type | None:
+    """The routed model class for a directory written by ``skipgpt export`` (routers in its
+    weights, :mod:`skipgpt.routing.hub`), loaded without remote code; None for any other model."""
+    if Path(path).is_dir():
+        settings = exported_settings(path)
+    else:  # a hub id: its config says whether it is routed
+        config = config or _from_pretrained(AutoConfig, name_or_path, path)
+        settings = getattr(config, CONFIG_KEY, None)
+    return routed_model_class(settings["base_architecture"]) if isinstance(settings, dict) else None
 
 
 def _source_of(name_or_path: str, path: str, kwargs: dict[str, Any]) -> str:

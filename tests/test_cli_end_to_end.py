@@ -82,6 +82,21 @@ def test_finetune_export_eval(workspace, tmp_path, capsys):
     assert evals["exported"]["sparsity"]["param_ratio"] == pytest.approx(evals["adapter"]["sparsity"]["param_ratio"], abs=1e-3)
     assert main(["eval", "--model", str(exported), "--routers", str(routers), "--data", str(workspace / "test.txt")]) == 2
 
+    # The tuned, LoRA-merged export loads routed through transformers' remote code as through skipgpt.
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from skipgpt import routing_state
+    from skipgpt.models import load_model
+
+    ours, _ = load_model(str(exported))
+    remote = AutoModelForCausalLM.from_pretrained(exported, trust_remote_code=True).eval()
+    ids = torch.randint(2, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = ours(ids).logits, remote(ids).logits
+    assert torch.equal(routing_state(ours).stacked_gates(), routing_state(remote).stacked_gates())
+    assert torch.equal(*logits)
+
 
 def test_generate_skipping_equals_masked_and_reports_sparsity(workspace, tmp_path, capsys):
     import torch

@@ -142,9 +142,11 @@ class Router(nn.Module):
         is ``x̂·(w₁ − w₀) + (b₁ − b₀)``, so the decision is ``x·Δw > (threshold − Δb)·rms(x)``:
         one dot product, one norm, one comparison.
         """
-        if not isinstance(self.net, nn.Linear):
+        weight, bias = getattr(self.net, "weight", None), getattr(self.net, "bias", None)
+        # An MLP router, or one offloaded by accelerate (a device map sending its layer to the CPU
+        # or disk): only a forward call onloads the weights, through the hook on ``net``.
+        if weight is None or weight.device.type == "meta":
             return margin(self(hidden)) > threshold
-        weight, bias = self.net.weight, self.net.bias
         key = (weight._version, bias._version, weight.data_ptr(), bias.data_ptr())
         if self._difference is None or self._difference[0] != key:  # weights changed since last use
             self._difference = (key, (weight[1] - weight[0]).detach()[:, None], float(bias[1] - bias[0]))

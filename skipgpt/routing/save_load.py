@@ -25,6 +25,7 @@ from ..errors import SkipGPTError
 from ..files import atomic_write, write_json
 from ..identity import weights_fingerprint
 from .adapters import get_adapter
+from .hub import exported_settings
 from .surgery import attach_routers, detach_routers, routing_state
 
 CONFIG_NAME = "router_config.json"
@@ -86,6 +87,9 @@ def save_routers(model: nn.Module, out_dir: str | os.PathLike, extra: dict[str, 
 def read_router_config(name_or_path: str | os.PathLike) -> dict[str, Any]:
     path = router_dir(name_or_path) / CONFIG_NAME
     if not path.is_file():
+        if exported_settings(router_dir(name_or_path)) is not None:
+            raise SkipGPTError(f"{name_or_path} is an exported model with its routers in its weights: load it as the "
+                               f"model (--model {name_or_path}, skipgpt.models.load_model) and give no router set")
         raise SkipGPTError(f"no {CONFIG_NAME} in {name_or_path}: pass the output directory of 'skipgpt tune' "
                            f"or a builtin router set ({', '.join(BUILTIN_ROUTERS)})")
     try:

@@ -31,7 +31,8 @@ def branch_parameter_counts(model: nn.Module, adapter: ArchAdapter) -> torch.Ten
     for layer in adapter.decoder_layers(model):
         for kind in KINDS:
             counts.append(sum(p.numel() for m in adapter.branch(layer, kind) if m is not None for p in m.parameters()))
-    return torch.tensor(counts, dtype=torch.float64)
+    # On the CPU explicitly: transformers builds a routed class's modules under a meta-device context.
+    return torch.tensor(counts, dtype=torch.float64, device="cpu")
 
 
 def describe_model(model: nn.Module) -> dict[str, object]:
@@ -66,10 +67,13 @@ def attach_routers(model: nn.Module, config: RouterConfig | None = None) -> nn.M
         config.base_fingerprint = weights_fingerprint(model) or ""
     replacement_params = []
     for layer in layers:
-        layer.skip_routers = nn.ModuleDict({k: Router(config.hidden_size, config) for k in KINDS}).to(module_device(layer))
+        routers = nn.ModuleDict({k: Router(config.hidden_size, config) for k in KINDS})
+        # Built under a meta-device context (transformers' init of the routed class in hub.py, or
+        # accelerate's init_empty_weights), routers stay on meta until loading fills them.
+        layer.skip_routers = routers if _on_meta(routers) else routers.to(module_device(layer))
         replacement_params += [r.replacement.cost() if r.replacement is not None else 0 for r in layer.skip_routers.values()]
     state = RoutingState(config, adapter, branch_parameter_counts(model, adapter),
-                         torch.tensor(replacement_params, dtype=torch.float64))
+                         torch.tensor(replacement_params, dtype=torch.float64, device="cpu"))
     for index, layer in enumerate(layers):
         layer.skipgpt_index = index
         layer.skipgpt_state = state
@@ -90,6 +94,10 @@ def attach_routers(model: nn.Module, config: RouterConfig | None = None) -> nn.M
     ]
     model.skipgpt_state = state
     return model
+
+
+def _on_meta(module: nn.Module) -> bool:
+    return next(module.parameters()).device.type == "meta"
 
 
 def routing_state(model: nn.Module) -> RoutingState:
