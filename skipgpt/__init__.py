@@ -3,7 +3,7 @@
 from .config import RouterConfig, TuneConfig
 from .errors import SkipGPTError
 from .inference.generate import GenerateConfig, Generation, generate
-from .inference.kv import DroppedKVCache
+from .routing.kv import DroppedKVCache
 from .inference.speculative import speculative_decode
 from .routing.adapters import ADAPTERS, ArchAdapter, get_adapter
 from .routing.save_load import load_routers, save_routers

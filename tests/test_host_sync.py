@@ -3,7 +3,7 @@
 A device-to-host read (``.item()``, ``bool(t)``, ``int(t)``, ``nonzero``, boolean-mask indexing,
 ``.cpu()``, and on CUDA a blocking copy from pageable host memory) makes the host wait until the
 device has run everything queued. The engine allows itself one per routed module, the transfer of
-its decisions in :func:`skipgpt.inference.engine._to_host`; these tests count that helper's calls
+its decisions in :func:`skipgpt.routing.execute._to_host`; these tests count that helper's calls
 and, with the profiler, every other read: ``aten::_local_scalar_dense`` (what ``item``,
 ``is_nonzero``, ``bool``, ``int`` end in) and ``aten::nonzero`` (boolean masks included). On CUDA
 they also count ``cudaStreamSynchronize``, which must be exactly those two counts together: that
@@ -21,7 +21,7 @@ from conftest import left_padded, tiny_model
 from torch.profiler import ProfilerActivity, profile
 
 from skipgpt import RouterConfig, attach_routers, routing_state
-from skipgpt.inference import engine
+from skipgpt.routing import execute as engine
 
 READS = ("aten::_local_scalar_dense", "aten::nonzero")
 

@@ -59,3 +59,31 @@ def test_no_import_cycle():
 def test_no_module_over_the_size_limit():
     sizes = {str(f.relative_to(REPO)): len(f.read_text().splitlines()) for f in PACKAGE.rglob("*.py")}
     assert not {f: n for f, n in sizes.items() if n > MAX_LINES}
+
+
+# Which subpackages each may import: routing holds everything a routed forward runs (the skipping
+# engine included); inference, training and evaluation build on it; baselines reuse training and
+# evaluation; the CLI uses everything.
+ALLOWED = {
+    "routing": set(),
+    "inference": {"routing"},
+    "training": {"routing"},
+    "evaluation": {"routing"},
+    "baselines": {"routing", "training", "evaluation"},
+    "cli": {"routing", "inference", "training", "evaluation", "baselines"},
+}
+
+
+def test_subpackages_depend_one_way():
+    files = list(PACKAGE.rglob("*.py"))
+    modules = {module_name(f) for f in files}
+    wrong = []
+    for f in files:
+        parts = module_name(f).split(".")
+        if len(parts) < 2 or parts[1] not in ALLOWED:
+            continue
+        for imported in internal_imports(f, modules):
+            other = imported.split(".")[1] if imported.count(".") else None
+            if other in ALLOWED and other != parts[1] and other not in ALLOWED[parts[1]]:
+                wrong.append(f"{module_name(f)} -> {imported}")
+    assert not wrong, wrong

@@ -15,7 +15,7 @@ from transformers import DynamicCache
 import skipgpt.inference.speculative
 from skipgpt import DroppedKVCache, RouterConfig, SkipGPTError, attach_routers, detach_routers, routing_state
 from skipgpt.cli import main
-from skipgpt.inference.kv import DroppedKVLayer
+from skipgpt.routing.kv import DroppedKVLayer
 from skipgpt.inference.speculative import AUTO_MAX, Sampling, SpeculativeDecoder, parse_draft_tokens, speculative_decode
 from skipgpt.routing.surgery import gate_mode
 

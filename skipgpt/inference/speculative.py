@@ -14,7 +14,7 @@ last committed token and the k drafts scores all k + 1 positions at once, and
 Both caches are rolled back to the committed tokens after every round: the dense one (a
 ``DynamicCache`` whose sliding-window layers record their past so that they can be cropped) and
 the draft's (its own ``DynamicCache`` under KV policy ``keep``, since upstream skips change its
-keys and values; :class:`~skipgpt.inference.kv.DroppedKVCache`, cropped by position, under ``drop``).
+keys and values; :class:`~skipgpt.routing.kv.DroppedKVCache`, cropped by position, under ``drop``).
 The draft lags one or two committed tokens behind and catches up when it next drafts.
 
 Batches: rows accept different numbers of drafts. Every round commits, for all rows, the smallest
@@ -43,7 +43,7 @@ from transformers.generation.logits_process import (
 
 from ..errors import SkipGPTError
 from ..routing.surgery import gate_mode, has_routers, routing_state
-from .kv import DroppedKVCache
+from ..routing.kv import DroppedKVCache
 
 AUTO = "auto"
 # --draft-tokens auto: start at AUTO_START; after a round whose drafts were all accepted draft one

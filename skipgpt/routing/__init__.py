@@ -8,4 +8,8 @@
 * ``surgery.py``: attaching and detaching routers in place, gate modes, sparsity meters.
 * ``sparsity.py``: module sparsity and parameter ratio from hard gates, padding excluded.
 * ``save_load.py``: router sets on disk (``router_config.json`` + ``routers.safetensors``).
+* ``execute.py``: the skipping engine, which runs a module (or its replacement) only for the
+  tokens that route there; ``kv.py``: KV policy ``drop`` and its cache.
+* ``hub.py``: the routed model as a Hugging Face class, so that an export loads routed with
+  ``trust_remote_code=True``.
 """

@@ -15,8 +15,8 @@ import torch.utils.checkpoint
 from torch import nn
 from transformers import DynamicCache
 
-from ..inference.engine import Decisions, replace_skipped, skip_branch
-from ..inference.kv import DroppedKVCache, drop_policy_mask
+from .execute import Decisions, replace_skipped, skip_branch
+from .kv import DroppedKVCache, drop_policy_mask
 from .adapters import KINDS
 from .routers import rms_normalised
 from .state import RoutingState
