@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from .errors import SkipGPTError
+
 
 _UMASK = os.umask(0o022)  # read once at import (os.umask can only be read by setting it)
 os.umask(_UMASK)
@@ -33,3 +35,17 @@ def write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def cache_dir() -> Path:
+    """Where skipgpt keeps what it builds once (converted models, the engine's cost model):
+    ``$SKIPGPT_CACHE``, else ``~/.cache/skipgpt``."""
+    path = Path(os.environ.get("SKIPGPT_CACHE") or Path.home() / ".cache" / "skipgpt").expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SkipGPTError(
+            f"Cannot create the skipgpt cache directory {path}: {e}. "
+            "Set SKIPGPT_CACHE to a writable directory."
+        ) from e
+    return path

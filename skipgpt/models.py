@@ -40,6 +40,7 @@ except ImportError:  # older versions always dequantize GGUF files
 
 from .devices import checkpoint_dtype, resolve_dtype, runs_on_cpu
 from .errors import SkipGPTError
+from .files import cache_dir
 from .identity import weights_fingerprint
 from .routing.hub import CONFIG_KEY, exported_settings, routed_model_class
 from .routing.save_load import CONFIG_NAME, load_routers
@@ -69,19 +70,6 @@ SourceKind = Literal["builtin", "gguf", "directory", "hub"]
 # Written last into a builtin's cache; a cache whose stamp differs (e.g. after the pinned
 # package changed) is rebuilt rather than silently reused.
 _STAMP_FILE = "skipgpt_source.json"
-
-
-def cache_dir() -> Path:
-    """Where skipgpt keeps converted models: ``$SKIPGPT_CACHE``, else ``~/.cache/skipgpt``."""
-    path = Path(os.environ.get("SKIPGPT_CACHE") or Path.home() / ".cache" / "skipgpt").expanduser()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SkipGPTError(
-            f"Cannot create the skipgpt cache directory {path}: {e}. "
-            "Set SKIPGPT_CACHE to a writable directory."
-        ) from e
-    return path
 
 
 def resolve_model_source(name_or_path: str) -> SourceKind:

@@ -20,10 +20,13 @@ def routed(arch: str, attn: str = "eager", threshold: float = 0.0):
     return model
 
 
+@pytest.mark.parametrize("path", ["gather", "dense"])
 @pytest.mark.parametrize("padded", [True, False])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_prefill_equals_masked_dense(arch, attn, padded):
+def test_prefill_equals_masked_dense(arch, attn, padded, path):
+    """Whichever path the cost model picks (routing/paths.py), forced here in turn."""
     model = routed(arch, attn)
+    routing_state(model).engine_path = path
     ids, mask = left_padded()  # 24 tokens: longer than the sliding windows (16) of Mistral and Gemma
     mask = mask if padded else torch.ones_like(mask)
     skipped, masked = logits_both_ways(model, ids, mask)
@@ -33,9 +36,11 @@ def test_prefill_equals_masked_dense(arch, attn, padded):
     assert 0.2 < float(gates.mean()) < 0.8  # the test exercises real skipping
 
 
+@pytest.mark.parametrize("path", ["gather", "dense"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_cached_generation_gives_the_masked_dense_tokens(arch):
+def test_cached_generation_gives_the_masked_dense_tokens(arch, path):
     model = routed(arch, "sdpa")
+    routing_state(model).engine_path = path
     ids, mask = left_padded(length=12)
     state = routing_state(model)
     tokens = {}
@@ -48,6 +53,7 @@ def test_cached_generation_gives_the_masked_dense_tokens(arch):
 
 def test_skipped_tokens_do_not_run_the_module():
     model = routed("llama")
+    routing_state(model).engine_path = "gather"
     seen = {"mlp": 0, "q": 0, "k": 0}
     layer = model.model.layers[1]
     layer.mlp.register_forward_hook(lambda m, a, o: seen.__setitem__("mlp", seen["mlp"] + a[0].shape[:-1].numel()))
@@ -99,7 +105,8 @@ def fixed_routed(arch: str, dtype: torch.dtype, policy: str, device: str, seed: 
 
 @pytest.mark.parametrize("policy", ["keep", "drop"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_half_precision_skipping_equals_masked_to_rounding(arch, dtype, policy, device):
+@pytest.mark.parametrize("path", ["gather", "dense"])
+def test_half_precision_skipping_equals_masked_to_rounding(arch, dtype, policy, device, path):
     """Logits of the skipping path and of the masked computation, both in the model's dtype,
     differ by at most 4 eps·max|logit|.
 
@@ -113,6 +120,7 @@ def test_half_precision_skipping_equals_masked_to_rounding(arch, dtype, policy, 
     within each row 11.6-129, 100-1032 (``drop`` does not use that gather). Every case failed.
     """
     model = fixed_routed(arch, dtype, policy, device)
+    routing_state(model).engine_path = path  # "drop" has no dense path: it gathers either way
     ids, mask = (t.to(device) for t in left_padded())
     skipped, masked = logits_both_ways(model, ids, mask)
     real = mask.bool()

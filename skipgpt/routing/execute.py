@@ -70,6 +70,11 @@ class Decisions:
         return cls(execute_host, real_host, _where(execute_host))
 
     @property
+    def tokens(self) -> int:
+        """Real tokens of this forward (padding excluded)."""
+        return self.execute.size if self.real is None else int(self.real.sum())
+
+    @property
     def all_execute(self) -> bool:
         """Every token executes: the branch can run the model's own code."""
         return self.executing.size == self.execute.size
@@ -114,6 +119,22 @@ def _scattered(hidden: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> 
     """A zero update shaped like ``hidden`` holding the rows of ``out`` at flat token ``index``."""
     flat = hidden.reshape(-1, hidden.shape[-1])
     return torch.zeros_like(flat).index_copy_(0, index, out.to(flat.dtype)).view_as(hidden)
+
+
+def module_output(kind: str, norm: nn.Module, module: nn.Module, post_norm: nn.Module | None,
+                  hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    """The branch as the model computes it, for every token."""
+    out = norm(hidden)
+    out = module(hidden_states=out, **kwargs)[0] if kind == "attn" else module(out)
+    return out if post_norm is None else post_norm(out)
+
+
+def dense_update(kind: str, norm: nn.Module, module: nn.Module, post_norm: nn.Module | None,
+                 hidden: torch.Tensor, execute: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    """The dense path (``routing/paths.py``): the branch for every token, kept for the executing
+    ones (KV policy ``keep`` only: every token writes its keys, as the model's own code does).
+    Where reading the weights costs what computing does, this is cheaper than a gather."""
+    return torch.where(execute.unsqueeze(-1), module_output(kind, norm, module, post_norm, hidden, kwargs), 0)
 
 
 def skip_branch(

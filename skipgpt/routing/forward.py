@@ -15,7 +15,7 @@ import torch.utils.checkpoint
 from torch import nn
 from transformers import DynamicCache
 
-from .execute import Decisions, replace_skipped, skip_branch
+from .execute import Decisions, dense_update, module_output, replace_skipped, skip_branch
 from .kv import DroppedKVCache, drop_policy_mask
 from .adapters import KINDS
 from .routers import rms_normalised
@@ -52,20 +52,21 @@ def _routed_layer_body(self: nn.Module, hidden_states: torch.Tensor, **kwargs: A
         # The module's one host read; under "dense" every token executes and there is nothing to read.
         decisions = None if execute is None or state.mode == "dense" else Decisions.read(execute, state.token_mask)
         if decisions is not None and (drop or not decisions.all_execute):
-            window = state.adapter.attention_window(module) if kind == "attn" else None
-            update = skip_branch(kind, norm, module, post_norm, hidden_states, decisions, kwargs, state.config.kv_policy, window)
+            if not drop and decisions.executing.size and state.path(
+                    self, kind, decisions.executing.size, decisions.tokens, hidden_states.device) == "dense":
+                update = dense_update(kind, norm, module, post_norm, hidden_states, execute, kwargs)
+            else:
+                window = state.adapter.attention_window(module) if kind == "attn" else None
+                update = skip_branch(kind, norm, module, post_norm, hidden_states, decisions, kwargs, state.config.kv_policy, window)
             if router.replacement is not None:
                 update = replace_skipped(router.replacement, hidden_states, decisions, update)
         else:
-            out = norm(hidden_states)
             if drop:  # the masked computation of "drop": keys of skipping tokens are hidden
-                mask = drop_policy_mask(module, kwargs.get("attention_mask"), gate.detach() > 0.5, out.dtype,
+                mask = drop_policy_mask(module, kwargs.get("attention_mask"), gate.detach() > 0.5, hidden_states.dtype,
                                         state.adapter.attention_window(module))
-                out = module(hidden_states=out, **{**kwargs, "attention_mask": mask})[0]
+                out = module_output(kind, norm, module, post_norm, hidden_states, {**kwargs, "attention_mask": mask})
             else:
-                out = module(hidden_states=out, **kwargs)[0] if kind == "attn" else module(out)
-            if post_norm is not None:
-                out = post_norm(out)
+                out = module_output(kind, norm, module, post_norm, hidden_states, kwargs)
             if execute is not None:
                 update = out
             else:  # x + g·f(x) + (1 − g)·h(x): the straight-through gradient sees f − h

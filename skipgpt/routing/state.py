@@ -6,10 +6,12 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+from torch import nn
 
 from ..config import RouterConfig
 from ..errors import SkipGPTError
 from .adapters import ArchAdapter
+from .paths import ENGINE_PATHS, PathCosts, measure_path_costs
 from .routers import GateMode, Router, budget_gate, execute_gate, margin, topk_gate
 from .sparsity import SparsityMeter, SparsityStats, gate_stats
 
@@ -31,6 +33,10 @@ class RoutingState:
         # Inference (no gradient, deterministic gates) runs only what executes (engine.py);
         # False computes every branch and multiplies by the gate, the reference it must equal.
         self.skip_compute = True
+        # How the engine computes a module some tokens skip: "auto" (the measured cost model of
+        # paths.py), or "gather" / "dense" forced (tests, benchmarks).
+        self.engine_path: str = "auto"
+        self._path_costs: dict[torch.device, PathCosts] = {}
         self.tau = 1.0
         self.noise = 1.0  # scale of the Gumbel noise in training (0: the argmax decision, straight-through)
         self.fixed_gates: torch.Tensor | None = None
@@ -70,6 +76,20 @@ class RoutingState:
         computation too): gathering the executing tokens is differentiable in everything else, so
         stage 2 (LoRA with frozen routers) trains through the skipping path and saves its compute."""
         return self.skip_compute and self.mode != "gumbel" and (self.mode == "argmax" or not torch.is_grad_enabled())
+
+    def path(self, layer: nn.Module, kind: str, executing: int, tokens: int, device: torch.device) -> str:
+        """"gather" or "dense" for a module in which ``executing`` of ``tokens`` real tokens run
+        (:mod:`skipgpt.routing.paths`); measured once per device, on the first layer that asks."""
+        if self.engine_path != "auto":
+            if self.engine_path not in ENGINE_PATHS:
+                raise SkipGPTError(f"engine_path must be one of {ENGINE_PATHS}, got {self.engine_path!r}")
+            return self.engine_path
+        costs = self._path_costs.get(device)
+        if costs is None:
+            offloaded = any(p.device.type == "meta" for p in layer.parameters())
+            costs = PathCosts("") if offloaded else measure_path_costs(layer, self.adapter, device)
+            self._path_costs[device] = costs
+        return costs.choose(kind, executing, tokens)
 
     @property
     def num_modules(self) -> int:
