@@ -21,7 +21,9 @@ dense/point pairs (A/B, B/A), median of ``--pairs`` pair ratios (bars: min–max
 of ``--prefill-length`` tokens. y = WikiText-2 *test* perplexity by the protocol of ``skipgpt eval``
 (skipgpt.evaluation.perplexity, 1,024-token windows, no BOS), over the whole test set unless
 ``--max-windows`` (then every output says "QUICK"). Each perplexity, calibrated threshold and pruned
-model is cached (``--work``), keyed by point, commit and protocol, so a rerun only times.
+model is cached (``--work``), keyed by point and protocol, not by commit, so that a long run
+continues in a later sitting (``--no-timing`` computes only these); each value keeps the commit
+that measured it, and a rerun only times.
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ def routed_points(model: torch.nn.Module, tokenizer: Any, args: argparse.Namespa
     unit = read_router_config(source).get("training", {}).get("target_unit", "params")
     calib, note = None, ""
     for target in args.recalibrate:
-        key = f"threshold|{source}|{target}|{unit}|{args.calib_text}|{args.calib_tokens}|{commit}"
+        key = f"threshold|{source}|{target}|{unit}|{args.calib_text}|{args.calib_tokens}"
         found = cache.get(key)
         if found is None:
             if calib is None:
@@ -113,7 +115,7 @@ def routed_points(model: torch.nn.Module, tokenizer: Any, args: argparse.Namespa
             speed.routed_apply(weights, config, config.threshold, "keep")(model)
             try:
                 print(f"[frontier] calibrating {source} to {target:.0%} on {note}", file=sys.stderr, flush=True)
-                found = {**calibrate_threshold(model, calib, target, unit), "calibration_text": note}
+                found = {**calibrate_threshold(model, calib, target, unit), "calibration_text": note, "commit": commit}
             finally:
                 detach_routers(model)
             cache.put(key, found)
@@ -127,7 +129,7 @@ def static_points(model: torch.nn.Module, tokenizer: Any, args: argparse.Namespa
     points, calib = [], None
     for method in args.static:
         for ratio in args.static_ratios:
-            folder = Path(args.work) / commit / "pruned" / f"{method}_{ratio:g}_{args.static_calib[0]}x{args.static_calib[1]}"
+            folder = Path(args.work) / "pruned" / f"{method}_{ratio:g}_{args.static_calib[0]}x{args.static_calib[1]}"
             pruned = copy.deepcopy(model)
             if (folder / PLAN_NAME).is_file():
                 plan = load_pruned(pruned, folder)
@@ -149,7 +151,9 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, points: list[Point], args: 
     done: list[float] = []
     for i, p in enumerate(points):
         made = f"threshold {p.threshold:.6g}" if p.threshold is not None else getattr(p, "plan_dir", "")  # what the point is
-        key = f"ppl|{p.name}|{made}|{commit}|wikitext2-test|seq{args.seq_len}|windows-{windows}"
+        # Not keyed by commit, so that a long run continues in the next sitting; the commit that
+        # measured each value is kept with it and reported.
+        key = f"ppl|{p.name}|{made}|wikitext2-test|seq{args.seq_len}|windows-{windows}"
         p.ppl = cache.get(key)
         if p.ppl is not None:
             continue
@@ -163,7 +167,8 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, points: list[Point], args: 
                 detach_routers(target)
         s = r.get("sparsity") or {}
         p.ppl = {"ppl": r["ppl"], "windows": r["windows"], "scored_tokens": r["scored_tokens"], "wall_s": round(r["wall_s"], 1),
-                 "param_ratio": s.get("param_ratio"), "attn_skip": s.get("attn_sparsity"), "mlp_skip": s.get("mlp_sparsity")}
+                 "param_ratio": s.get("param_ratio"), "attn_skip": s.get("attn_sparsity"), "mlp_skip": s.get("mlp_sparsity"),
+                 "commit": commit}
         cache.put(key, p.ppl)
         done.append(r["wall_s"])
         print(f"[frontier] perplexity {i + 1}/{len(points)} in {r['wall_s']:.0f} s; about "
@@ -310,6 +315,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work", default="runs/frontier", help="cache of perplexities, thresholds and pruned models")
     p.add_argument("--out", default=None, help="output stem: STEM.png, .json, .md (default: docs/results/frontier_smollm2; "
                                               "runs/frontier/frontier_smollm2_quick with --max-windows)")
+    p.add_argument("--no-timing", action="store_true", help="only compute and cache what is slow and stable (perplexities, "
+                                                               "thresholds, pruned models); time and report in a later run")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny calibration, 1 window of 128 tokens, 1 pair, out in /tmp")
     if p.parse_args(argv).quick:  # new defaults; flags given still win
         p.set_defaults(max_windows=1, seq_len=128, pairs=1, new_tokens=2, decode_prompt=16, prefill_length=32, calib_tokens="1x128",
@@ -336,6 +343,9 @@ def main(argv: list[str] | None = None) -> None:
     points += routed_points(model, tokenizer, args, cache, commit)
     points += static_points(model, tokenizer, args, commit)
     evaluate(model, tokenizer, points, args, cache, commit)
+    if args.no_timing:  # the cached part only: perplexities, thresholds, pruned models
+        print(f"[frontier] perplexities cached in {cache.path}; run again without --no-timing to time and report", file=sys.stderr)
+        return
     time_points(model, points, args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     report(points, args, commit, started)

@@ -177,11 +177,14 @@ def test_bf16_autocast_trains_float32_lora_and_replacements(tmp_path):
     assert trained and all(p.dtype == torch.float32 for p in trained)
 
 
+@pytest.mark.parametrize("path", ["gather", "dense"])
 @pytest.mark.parametrize("kv_policy", ["keep", "drop"])
-def test_stage_2_trains_through_the_skipping_path_with_the_masked_gradients(arch, kv_policy, device):
+def test_stage_2_trains_through_the_skipping_path_with_the_masked_gradients(arch, kv_policy, device, path):
     """Frozen argmax decisions: gathering the executing tokens is differentiable, so stage 2 runs
-    only what executes and its LoRA and replacement gradients equal the masked computation's."""
+    only what executes and its LoRA and replacement gradients equal the masked computation's;
+    so are the engine's dense path (``keep``) and whichever the cost model picks."""
     model = attach_routers(tiny_model(arch), RouterConfig(init_bias=0.0, kv_policy=kv_policy)).to(device)
+    routing_state(model).engine_path = path
     for name, p in model.named_parameters():
         if "skip_routers" in name and p.dim() == 2 and p.shape[0] == 2:
             torch.nn.init.normal_(p, std=1.0)

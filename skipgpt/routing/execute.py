@@ -134,7 +134,8 @@ def dense_update(kind: str, norm: nn.Module, module: nn.Module, post_norm: nn.Mo
     """The dense path (``routing/paths.py``): the branch for every token, kept for the executing
     ones (KV policy ``keep`` only: every token writes its keys, as the model's own code does).
     Where reading the weights costs what computing does, this is cheaper than a gather."""
-    return torch.where(execute.unsqueeze(-1), module_output(kind, norm, module, post_norm, hidden, kwargs), 0)
+    out = module_output(kind, norm, module, post_norm, hidden, kwargs)
+    return torch.where(execute.unsqueeze(-1), out.to(hidden.dtype), 0)  # autocast may compute in bf16: the stream's dtype, as a gather's scatter
 
 
 def skip_branch(

@@ -39,18 +39,21 @@ def routed_layer_forward(self: nn.Module, hidden_states: torch.Tensor, **kwargs:
 def _routed_layer_body(self: nn.Module, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     state: RoutingState = self.skipgpt_state
     sparse = state.skipping()
+    dense_mode = state.mode == "dense"
+    drops_keys = state.drops_keys
+    routers = self.skip_routers
     for offset, kind in enumerate(KINDS):
         index = 2 * self.skipgpt_index + offset
         norm, module, post_norm = state.adapter.branch(self, kind)
-        router = self.skip_routers[kind]
-        normalised = _shared_normalised(router, hidden_states, state, sparse)
+        router = routers[kind]
+        normalised = None if sparse else _shared_normalised(router, hidden_states, state)
         gate = state.decide(router, hidden_states, index, normalised)
         execute = (gate if gate.dtype == torch.bool else gate > 0) if sparse else None
-        if execute is not None and state.token_mask is not None and state.mode != "dense":
+        if execute is not None and state.token_mask is not None and not dense_mode:
             execute = execute & state.token_mask  # padding runs nothing; "dense" is the plain model's computation
-        drop = kind == "attn" and state.drops_keys
+        drop = drops_keys and kind == "attn"
         # The module's one host read; under "dense" every token executes and there is nothing to read.
-        decisions = None if execute is None or state.mode == "dense" else Decisions.read(execute, state.token_mask)
+        decisions = None if execute is None or dense_mode else Decisions.read(execute, state.token_mask)
         if decisions is not None and (drop or not decisions.all_execute):
             if not drop and decisions.executing.size and state.path(
                     self, kind, decisions.executing.size, decisions.tokens, hidden_states.device) == "dense":
@@ -82,11 +85,12 @@ def _routed_layer_body(self: nn.Module, hidden_states: torch.Tensor, **kwargs: A
     return hidden_states
 
 
-def _shared_normalised(router: nn.Module, hidden: torch.Tensor, state: RoutingState, sparse: bool) -> torch.Tensor | None:
+def _shared_normalised(router: nn.Module, hidden: torch.Tensor, state: RoutingState) -> torch.Tensor | None:
     """``rms_normalised(hidden)`` once for the router and its low-rank replacement, where the
     masked computation runs both on every token (training, the reference computation): autograd
-    then keeps one float32 copy of it for the two linear maps' weight gradients instead of two."""
-    if sparse or state.mode not in ("gumbel", "argmax"):  # inference: one test per module, nothing else
+    then keeps one float32 copy of it for the two linear maps' weight gradients instead of two.
+    Never at inference (the skipping engine), which the caller tests first."""
+    if state.mode not in ("gumbel", "argmax"):
         return None
     replacement = router.replacement
     both = router.input_norm and replacement is not None and replacement.rank and state.config.routing == "skipgpt"

@@ -111,7 +111,7 @@ class Router(nn.Module):
         with torch.no_grad():
             last.bias.copy_(torch.tensor([0.0, config.init_bias]))
         self.replacement = None if config.replacement == "none" else Replacement(hidden_size, config.replacement_rank)
-        self._difference: tuple[tuple[int, ...], torch.Tensor, float] | None = None
+        self._difference: tuple[tuple[float, ...], torch.Tensor, float] | None = None
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
         """``model.to(torch.bfloat16)`` moves routers with the model but leaves them float32."""
@@ -142,21 +142,25 @@ class Router(nn.Module):
         is ``x̂·(w₁ − w₀) + (b₁ − b₀)``, so the decision is ``x·Δw > (threshold − Δb)·rms(x)``:
         one dot product, one norm, one comparison.
         """
-        weight, bias = getattr(self.net, "weight", None), getattr(self.net, "bias", None)
+        params = self.net._parameters  # a dict lookup, not Module.__getattr__: this runs per module and token
+        weight, bias = params.get("weight"), params.get("bias")
         # An MLP router, or one offloaded by accelerate (a device map sending its layer to the CPU
         # or disk): only a forward call onloads the weights, through the hook on ``net``.
         if weight is None or weight.device.type == "meta":
             return margin(self(hidden)) > threshold
-        key = (weight._version, bias._version, weight.data_ptr(), bias.data_ptr())
-        if self._difference is None or self._difference[0] != key:  # weights changed since last use
-            self._difference = (key, (weight[1] - weight[0]).detach()[:, None], float(bias[1] - bias[0]))
-        _, dw, db = self._difference
+        key = (weight._version, bias._version, weight.data_ptr(), bias.data_ptr(), threshold)
+        if self._difference is None or self._difference[0] != key:  # weights or threshold changed since last use
+            offset = threshold - float(bias[1] - bias[0])
+            # x̂·Δw > offset  ⇔  x·Δw > offset·‖x‖/√d (rms(x) = ‖x‖/√d; the norm's ε, 1e-6 against
+            # mean squares of order 1, is left out here)
+            scale = offset / hidden.shape[-1] ** 0.5 if self.input_norm else offset
+            self._difference = (key, (weight[1] - weight[0]).detach()[:, None], scale)
+        _, dw, scale = self._difference
         x = hidden if hidden.dtype == torch.float32 else hidden.float()
         score = (x @ dw).squeeze(-1)
-        if not self.input_norm:
-            return score > threshold - db
-        # rms(x) = ‖x‖ / √d; the norm's ε (1e-6 against mean squares of order 1) is left out here.
-        return score > torch.linalg.vector_norm(x, dim=-1) * ((threshold - db) / x.shape[-1] ** 0.5)
+        if not self.input_norm or scale == 0:
+            return score > scale
+        return score > torch.linalg.vector_norm(x, dim=-1) * scale
 
 
 def margin(logits: torch.Tensor) -> torch.Tensor:

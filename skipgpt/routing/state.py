@@ -103,7 +103,9 @@ class RoutingState:
     def decide(self, router: Router, hidden: torch.Tensor, index: int, normalised: torch.Tensor | None = None) -> torch.Tensor:
         """The execute gate of module ``index`` for ``hidden`` under the current mode; ``normalised``
         (``rms_normalised(hidden)``, where the layer has it) spares the router its own copy."""
-        if self.config.routing != "skipgpt" and self.mode in ("gumbel", "argmax"):
+        if self.mode == "argmax" and self.config.routing == "skipgpt" and self.margin_log is None and not torch.is_grad_enabled():
+            gate = router.execute(hidden, self.config.threshold)  # bool, the inference fast path, tested first
+        elif self.config.routing != "skipgpt" and self.mode in ("gumbel", "argmax"):
             gate = self._baseline_decision(router, hidden, index)
         elif self.mode == "dense":
             gate = hidden.new_ones(hidden.shape[:-1], dtype=torch.float32)
@@ -111,8 +113,6 @@ class RoutingState:
             if self.fixed_gates is None:
                 raise SkipGPTError("gate mode 'fixed' needs gates: set_gate_mode(model, 'fixed', gates=...)")
             gate = self.fixed_gates[index].to(hidden.device, torch.float32).expand(hidden.shape[:-1])
-        elif self.mode == "argmax" and self.margin_log is None and not torch.is_grad_enabled():
-            gate = router.execute(hidden, self.config.threshold)  # bool, the inference fast path
         else:
             logits = router(hidden, normalised)
             gate = execute_gate(logits, self.mode, self.tau, self.config.threshold, self.noise)
