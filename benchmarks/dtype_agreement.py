@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from skipgpt.data import load_source, tokenize
+from skipgpt.data import bos_token, load_source, tokenize
 from skipgpt.evaluation.perplexity import windows_of
 from skipgpt.evaluation.report import table
 from skipgpt.files import write_json
@@ -55,7 +55,7 @@ def main() -> None:
 
     _, tokenizer = load_model(args.model)
     windows = windows_of(tokenize(tokenizer, load_source(args.data, "test", args.data_dir).text()), args.seq_len,
-                         args.max_windows or None)
+                         args.max_windows or None, bos_token(tokenizer))
     models = {"float32": routed(args, "float32"), args.dtype: routed(args, args.dtype)}
     nll = {name: 0.0 for name in models}
     agree = torch.zeros(2, dtype=torch.float64)  # attention, MLP

@@ -19,7 +19,7 @@ x = measured speedup against dense in this run, with benchmarks/speed.py's timin
 dense/point pairs (A/B, B/A), median of ``--pairs`` pair ratios (bars: min–max), batch 1; panel 1:
 ``--new-tokens`` greedy decoding steps after a ``--decode-prompt``-token prompt; panel 2: prefill
 of ``--prefill-length`` tokens. y = WikiText-2 *test* perplexity by the protocol of ``skipgpt eval``
-(skipgpt.evaluation.perplexity, 1,024-token windows, no BOS), over the whole test set unless
+(skipgpt.evaluation.perplexity, 1,024-token windows, BOS by the tokenizer's convention), over the whole test set unless
 ``--max-windows`` (then every output says "QUICK"). Each perplexity, calibrated threshold and pruned
 model is cached (``--work``), keyed by point and protocol, not by commit, so that a long run
 continues in a later sitting (``--no-timing`` computes only these); each value keeps the commit

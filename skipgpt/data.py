@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -165,6 +165,34 @@ def tokenize(tokenizer: Callable, text: str) -> torch.Tensor:
     return torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
 
 
+def bos_token(tokenizer: Any) -> int | None:
+    """The BOS id where the tokenizer's own convention starts every text with it (Gemma: its
+    checkpoints need it; Llama 3), else None (SmolLM2, Qwen: no BOS). Windows for perplexity and
+    training then start with it, as the model saw text in pretraining."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    try:
+        ids = tokenizer("", add_special_tokens=True)["input_ids"]  # nothing but what the convention adds
+    except (TypeError, ValueError, KeyError):  # a minimal tokenizer (tests): no convention to follow
+        return None
+    return bos if ids and ids[0] == bos else None
+
+
+def cut_windows(stream: torch.Tensor, seq_len: int, bos: int | None = None, limit: int | None = None) -> torch.Tensor:
+    """Consecutive windows [N, seq_len] of a token stream (the tail shorter than one dropped); with
+    ``bos``, each is BOS and then ``seq_len − 1`` tokens of the stream, so that every window is
+    scored on as many tokens either way."""
+    width = seq_len - 1 if bos is not None else seq_len
+    n = stream.numel() // width
+    if limit is not None:
+        n = min(n, limit)
+    windows = stream[: n * width].view(n, width)
+    if bos is None:
+        return windows
+    return torch.cat([torch.full((n, 1), bos, dtype=windows.dtype), windows], dim=1)
+
+
 def pack_documents(tokenizer, documents: list[str], seq_len: int) -> torch.Tensor:
     """Training sequences [N, seq_len]: documents tokenised, joined with EOS, cut without padding."""
     eos = tokenizer.eos_token_id
@@ -186,16 +214,18 @@ def training_sequences(
     """(training sequences [N, seq_len], calibration sequences [C, calib_seq_len]).
 
     Calibration text is the tail of the training corpus, held out from training, so that
-    threshold calibration never sees evaluation text and never sees what routers fitted.
+    threshold calibration never sees evaluation text and never sees what routers fitted. Both
+    start every sequence with BOS where the tokenizer's convention is to (:func:`bos_token`).
     """
     stream = pack_documents(tokenizer, documents, 1).flatten()
-    held = calib_sequences * calib_seq_len
+    bos = bos_token(tokenizer)
+    held = calib_sequences * (calib_seq_len - (bos is not None))
     if held and stream.numel() - held >= 4 * seq_len:
-        calib = stream[-held:].view(calib_sequences, calib_seq_len)
+        calib = cut_windows(stream[-held:], calib_seq_len, bos)
         stream = stream[:-held]
     else:
         calib = None
-    n = stream.numel() // seq_len
-    if n == 0:
+    train = cut_windows(stream, seq_len, bos)
+    if train.shape[0] == 0:
         raise SkipGPTError(f"the data has {stream.numel()} tokens, fewer than one sequence of {seq_len}; use more text or a shorter --seq-len")
-    return stream[: n * seq_len].view(n, seq_len), calib
+    return train, calib

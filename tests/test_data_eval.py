@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import CharTokenizer, WordIdTokenizer, shared_data_dir, tiny_model
 
 from skipgpt import RouterConfig, SkipGPTError, attach_routers, routing_state, set_gate_mode
-from skipgpt.data import DATA_DIR_ENV, load_source, pack_documents, pydoc_documents, training_sequences
+from skipgpt.data import DATA_DIR_ENV, bos_token, load_source, pack_documents, pydoc_documents, training_sequences
 from skipgpt.evaluation.perplexity import perplexity
 
 
@@ -98,6 +98,40 @@ def test_calibration_tokens_are_held_out_from_training():
     assert not set(train.flatten().tolist()) & set(calib.flatten().tolist())
 
 
+class BosWordIdTokenizer(WordIdTokenizer):
+    """Words ``t<k>`` as id k, and BOS first where special tokens are asked for: the convention of
+    Gemma's and Llama 3's tokenizers."""
+
+    def __init__(self, bos: int = 5000):
+        self.bos_token_id = bos
+
+    def __call__(self, text: str, add_special_tokens: bool = False, verbose: bool = True) -> dict:
+        ids = super().__call__(text)["input_ids"]
+        return {"input_ids": [self.bos_token_id] * add_special_tokens + ids}
+
+
+def test_training_and_calibration_sequences_start_with_bos_where_the_tokenizer_adds_it():
+    assert bos_token(BosWordIdTokenizer()) == 5000 and bos_token(WordIdTokenizer()) is None
+    train, calib = training_sequences(BosWordIdTokenizer(), DOCS, seq_len=16, calib_sequences=2, calib_seq_len=32)
+    assert calib.shape == (2, 32) and train.shape == ((1000 - 62) // 15, 16)
+    assert (train[:, 0] == 5000).all() and (calib[:, 0] == 5000).all()
+    assert calib[:, 1:].flatten().tolist() == list(range(938, 1000))  # the corpus tail, BOS before each sequence
+    assert train[:, 1:].flatten().tolist() == list(range(train.shape[0] * 15))  # no text token lost to BOS
+
+
+def test_perplexity_windows_start_with_bos_where_the_tokenizer_adds_it():
+    model = tiny_model("llama")
+    text = " ".join(f"t{i % 120 + 3}" for i in range(100))
+    plain = perplexity(model, WordIdTokenizer(), text, seq_len=16, progress=False)
+    with_bos = perplexity(model, BosWordIdTokenizer(bos=127), text, seq_len=16, progress=False)
+    assert plain["bos"] is False and with_bos["bos"] is True
+    assert plain["windows"] == 100 // 16 and with_bos["windows"] == 100 // 15
+    assert with_bos["scored_tokens"] == plain["scored_tokens"] == 6 * 15  # BOS + 15 text tokens a window, all 15 scored
+    ids = torch.tensor(WordIdTokenizer()(text)["input_ids"])[: 6 * 15].view(6, 15)
+    windows = torch.cat([torch.full((6, 1), 127), ids], dim=1)
+    assert with_bos["nll"] == pytest.approx(hand_nll(model, windows), rel=1e-5)
+
+
 def test_no_calibration_set_when_the_corpus_is_too_small():
     train, calib = training_sequences(WordIdTokenizer(), DOCS, seq_len=16, calib_sequences=2, calib_seq_len=490)
     assert calib is None
@@ -148,7 +182,9 @@ def test_routed_perplexity_equals_dense_when_every_gate_executes():
     routed = perplexity(model, CharTokenizer(), TEXT, seq_len=32, progress=False)
     assert routed["ppl"] == dense["ppl"]
     assert routed["routed"] is True
-    assert routed["sparsity"]["module_sparsity"] == 0.0 and routed["sparsity"]["param_ratio"] == 0.0
+    # nothing skipped: the ratio is what the routers themselves cost (tests/test_sparsity.py)
+    assert routed["sparsity"]["module_sparsity"] == 0.0
+    assert routed["sparsity"]["param_ratio"] == pytest.approx(-routing_state(model).router_share)
     assert routed["sparsity"]["tokens"] == 11 * 32
     assert len(routed["sparsity"]["per_layer"]) == 3
 

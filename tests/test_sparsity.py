@@ -99,7 +99,10 @@ def test_fixed_pattern_with_padding_matches_hand_count(arch, replacement):
     assert float(stats.module) == pytest.approx(float(Fraction(10, 36)))
     assert float(stats.attn) == pytest.approx(float(Fraction(6, 18)))
     assert float(stats.mlp) == pytest.approx(float(Fraction(4, 18)))
-    assert float(stats.params) == pytest.approx((6 * (attn_p - attn_r) + 4 * (mlp_p - mlp_r)) / (6 * 3 * (attn_p + mlp_p)))
+    routers = float(routing_state(model).router_params.sum())  # every token runs every router: 3 layers x (2d + 2) x 2
+    assert routers == 3 * 2 * (2 * 32 + 2)
+    assert float(stats.params) == pytest.approx((6 * (attn_p - attn_r) + 4 * (mlp_p - mlp_r)) / (6 * 3 * (attn_p + mlp_p))
+                                                - routers / (3 * (attn_p + mlp_p)))
     assert (attn_r, mlp_r) == ((0.0, 0.0) if replacement == "none" else (32 + 2 * 32 * 16,) * 2)
 
 
@@ -164,3 +167,17 @@ def test_a_late_anneal_holds_the_start_value_then_reaches_the_end_at_the_last_st
 def test_tau_schedule_is_linear():
     taus = torch.tensor([tau_at(s, 20, 5.0, 1.0) for s in range(20)])
     torch.testing.assert_close(taus.diff(), torch.full((19,), -4.0 / 19, dtype=taus.dtype))
+
+
+@pytest.mark.parametrize("router, per_module", [("linear", 2 * 32 + 2), ("mlp", 32 * 8 + 8 + 8 * 2 + 2)])
+def test_the_routers_own_parameters_count_against_the_ratio(router, per_module):
+    """Nothing skipped is not free: every token runs every router, so the ratio is minus their share."""
+    model = attach_routers(tiny_model("llama"), RouterConfig(router=router))
+    state = routing_state(model)
+    assert state.router_params.tolist() == [per_module] * 6
+    set_gate_mode(model, "fixed", gates=torch.ones(6))
+    with torch.no_grad(), measure_sparsity(model) as meter:
+        model(input_ids=random_ids(2, 5))
+    share = 6 * per_module / float(state.module_params.sum())
+    assert state.router_share == pytest.approx(share)
+    assert meter.summary()["param_ratio"] == pytest.approx(-share) and float(state.last_stats().params) == pytest.approx(-share)

@@ -206,7 +206,7 @@ def write_report(rows: list[dict[str, Any]], inputs: Inputs, cfg: CompareConfig,
                      *[None if t not in r.get("zeroshot", {}) else round(100 * r["zeroshot"][t], 1) for t in tasks],
                      r["budget"], wall])
     text = (f"# Comparison on {inputs.model_name}\n\nCalibration and training text: {inputs.data_note}. "
-            f"Token perplexity, seq-len {cfg.seq_len}, {windows} of each set, no BOS. Ratio = share of decoder-layer parameters removed (static) or skipped per token (dynamic, "
+            f"Token perplexity, seq-len {cfg.seq_len}, {windows} of each set, BOS by the tokenizer's convention (none for SmolLM2). Ratio = share of decoder-layer parameters removed (static) or skipped per token (dynamic, "
             f"measured on the first evaluation set).\n\n" + table(headers, body) + "\n")
     write_text(out / "comparison.md", text)
     write_json(out / "comparison.json", {"model": inputs.model_name, "config": _jsonable(cfg), "rows": rows})

@@ -157,8 +157,9 @@ def routing_analysis(model: torch.nn.Module, ids: torch.Tensor, tokens: Sequence
     gates = argmax_gates(model, ids)[0]  # [T, 2L]
     state = routing_state(model)
     params = state.module_params.double()
-    # A skipped module still costs its replacement, if the router set has one.
-    param_frac = (gates.double() @ params + (1 - gates.double()) @ state.replacement_params.double()) / params.sum()
+    # A skipped module still costs its replacement, if the router set has one; every router runs.
+    param_frac = (gates.double() @ params + (1 - gates.double()) @ state.replacement_params.double()
+                  + state.router_params.double().sum()) / params.sum()
     return {
         "kind": "routing",
         "shape": "executed[token][module] in {0, 1}; module m = 2*layer + (0 attention, 1 MLP)",

@@ -1,9 +1,11 @@
 """Token-level perplexity by one protocol for dense, routed and pruned models.
 
-Protocol (docs/method-choices.md, "Perplexity protocol"): tokenise the whole joined test text with no special tokens (no BOS),
+Protocol (docs/method-choices.md, "Perplexity protocol"): tokenise the whole joined test text with no special tokens,
 cut it into non-overlapping windows of ``seq_len`` tokens (the tail shorter than a window is
 dropped), and average the next-token NLL over every scored token: each window's first token
-is context only, so ``windows × (seq_len − 1)`` tokens are scored.
+is context only, so ``windows × (seq_len − 1)`` tokens are scored. Where the tokenizer's
+convention is to start a text with BOS (Gemma, Llama 3: :func:`skipgpt.data.bos_token`), each window is
+BOS and ``seq_len − 1`` text tokens, all scored; the result records which (``bos``).
 """
 
 from __future__ import annotations
@@ -16,22 +18,17 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..data import load_source, tokenize
+from ..data import bos_token, cut_windows, load_source, tokenize
 from ..devices import input_device
 from ..errors import SkipGPTError
 from ..next_token import sequence_nll
 from ..routing.surgery import gate_mode, has_routers, measure_sparsity
 
-BOS_NOTE = "no BOS; windows cut from one token stream, first token of each window unscored"
-
-
-def windows_of(ids: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
-    n = ids.numel() // seq_len
-    if max_windows is not None:
-        n = min(n, max_windows)
-    if n == 0:
+def windows_of(ids: torch.Tensor, seq_len: int, max_windows: int | None = None, bos: int | None = None) -> torch.Tensor:
+    windows = cut_windows(ids, seq_len, bos, max_windows)
+    if windows.shape[0] == 0:
         raise SkipGPTError(f"the evaluation text has {ids.numel()} tokens, fewer than one window of {seq_len}")
-    return ids[: n * seq_len].view(n, seq_len)
+    return windows
 
 
 @torch.no_grad()
@@ -47,7 +44,8 @@ def perplexity(
     desc: str = "perplexity",
 ) -> dict[str, Any]:
     """Perplexity of ``text``; routed models use argmax routing and report their sparsity."""
-    windows = windows_of(tokenize(tokenizer, text), seq_len, max_windows)
+    bos = bos_token(tokenizer)
+    windows = windows_of(tokenize(tokenizer, text), seq_len, max_windows, bos)
     device = input_device(model)
     routed = has_routers(model)
     total_nll, scored = 0.0, 0
@@ -69,7 +67,7 @@ def perplexity(
         "scored_tokens": scored,
         "windows": windows.shape[0],
         "seq_len": seq_len,
-        "bos": BOS_NOTE,
+        "bos": bos is not None,  # each window started with the tokenizer's BOS
         "routed": routed,
         "sparsity": sparsity,
         "wall_s": time.perf_counter() - start,

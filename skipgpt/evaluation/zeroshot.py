@@ -42,8 +42,8 @@ from typing import Any, Sequence
 
 import torch
 
+from ..data import bos_token
 from ..errors import SkipGPTError
-from ..routing.sparsity import SparsityMeter
 from ..routing.surgery import gate_mode, has_routers, measure_sparsity, routing_state
 from .report import pct, table
 from .zeroshot_tasks import PAPER_METRICS, TASKS, cache_root, find_task_files, prepare_task_data, task_config
@@ -94,7 +94,7 @@ def _masked_lm_class():
 
 
 def _meter_delta(state: Any, skipped: torch.Tensor, tokens: int) -> dict[str, Any]:
-    meter = SparsityMeter(state.module_params, state.replacement_params)
+    meter = state.new_meter()
     meter.skipped, meter.tokens = skipped.clone(), tokens
     return meter.summary()
 
@@ -148,6 +148,7 @@ def evaluate_tasks(
     from lm_eval.tasks import TaskManager
 
     routed = has_routers(model)
+    bos = bos_token(tokenizer) is not None
     out: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
         stack.enter_context(_quiet_lm_eval(verbose))
@@ -180,6 +181,7 @@ def evaluate_tasks(
                 "data": [str(p) for p in present[name]],
                 "sparsity": None if meter is None else _meter_delta(routing_state(model), meter.skipped - before[0], meter.tokens - before[1]),
                 "wall_s": round(wall, 2),
+                "bos": bos,  # lm-eval follows the tokenizer's default: BOS before each context where it adds one
             }
             if loglikelihoods:
                 samples = sorted(res["samples"][name], key=lambda x: x["doc_id"])

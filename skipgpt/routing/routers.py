@@ -121,6 +121,10 @@ class Router(nn.Module):
                 p.data = p.data.float()
         return self
 
+    def cost(self) -> int:
+        """The router's own parameters (its replacement apart), which every token runs."""
+        return sum(p.numel() for p in self.net.parameters())
+
     def forward(self, hidden: torch.Tensor, normalised: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [.., 2]; ``normalised`` as for :meth:`Replacement.forward` (used with ``input_norm``)."""
         if self.input_norm:

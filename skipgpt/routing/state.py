@@ -21,13 +21,15 @@ class RoutingState:
     forward decided (kept with gradients, so the trainer can put sparsity in the loss)."""
 
     def __init__(self, config: RouterConfig, adapter: ArchAdapter, module_params: torch.Tensor,
-                 replacement_params: torch.Tensor | None = None):
+                 replacement_params: torch.Tensor | None = None, router_params: torch.Tensor | None = None):
         self.config = config
         self.adapter = adapter
         self.module_params = module_params
         # What a skipped (token, module) pair still costs: its replacement. Parameter ratios count
         # what is saved, module_params - replacement_params, so replacements are never free.
         self.replacement_params = torch.zeros_like(module_params) if replacement_params is None else replacement_params
+        # What every token pays whatever it decides: its router's parameters (sparsity.py).
+        self.router_params = torch.zeros_like(module_params) if router_params is None else router_params
         self.mode: GateMode = "argmax"
         self.checkpointing = False  # recompute each layer in backward to save activation memory
         # Inference (no gradient, deterministic gates) runs only what executes (engine.py);
@@ -148,4 +150,12 @@ class RoutingState:
 
     def last_stats(self) -> SparsityStats:
         """Sparsity of the last forward pass, differentiable through the gates."""
-        return gate_stats(self.stacked_gates(), self.token_mask, self.module_params, self.replacement_params)
+        return gate_stats(self.stacked_gates(), self.token_mask, self.module_params, self.replacement_params, self.router_params)
+
+    def new_meter(self) -> SparsityMeter:
+        return SparsityMeter(self.module_params, self.replacement_params, self.router_params)
+
+    @property
+    def router_share(self) -> float:
+        """The parameter ratio the routers cost every token (subtracted from what skips save)."""
+        return float(self.router_params.sum() / self.module_params.sum())

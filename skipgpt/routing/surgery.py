@@ -65,15 +65,17 @@ def attach_routers(model: nn.Module, config: RouterConfig | None = None) -> nn.M
     if not config.base_model:  # a set loaded from disk keeps the base it was made on
         config.base_model, config.base_revision = source_name(model), revision(model)
         config.base_fingerprint = weights_fingerprint(model) or ""
-    replacement_params = []
+    replacement_params, router_params = [], []
     for layer in layers:
         routers = nn.ModuleDict({k: Router(config.hidden_size, config) for k in KINDS})
         # Built under a meta-device context (transformers' init of the routed class in hub.py, or
         # accelerate's init_empty_weights), routers stay on meta until loading fills them.
         layer.skip_routers = routers if _on_meta(routers) else routers.to(module_device(layer))
         replacement_params += [r.replacement.cost() if r.replacement is not None else 0 for r in layer.skip_routers.values()]
+        router_params += [r.cost() for r in layer.skip_routers.values()]
     state = RoutingState(config, adapter, branch_parameter_counts(model, adapter),
-                         torch.tensor(replacement_params, dtype=torch.float64, device="cpu"))
+                         torch.tensor(replacement_params, dtype=torch.float64, device="cpu"),
+                         torch.tensor(router_params, dtype=torch.float64, device="cpu"))
     for index, layer in enumerate(layers):
         layer.skipgpt_index = index
         layer.skipgpt_state = state
@@ -244,7 +246,7 @@ def deployed_gates(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 def measure_sparsity(model: nn.Module) -> Iterator[SparsityMeter]:
     """Accumulate gate statistics over every forward inside the block."""
     state = routing_state(model)
-    state.meter = SparsityMeter(state.module_params, state.replacement_params)
+    state.meter = state.new_meter()
     try:
         yield state.meter
     finally:

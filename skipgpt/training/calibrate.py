@@ -47,6 +47,8 @@ def _first_guess(model: torch.nn.Module, sequences: torch.Tensor, target: float,
     finally:
         state.margin_log = None
     weights, total = (state.saved_params, state.module_params.sum()) if unit == "params" else (torch.ones(state.num_modules, dtype=torch.float64), state.num_modules)
+    if unit == "params":
+        target += state.router_share  # what skips must save for the routers' own cost to leave ``target``
     values = torch.cat(margins).double()
     mass = torch.cat([torch.full((len(m),), float(w) / len(m)) for m, w in zip(margins, weights)]).double()
     order = values.argsort()

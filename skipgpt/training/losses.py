@@ -72,7 +72,8 @@ def routed_loss(
     fixed_budget = state.config.routing != "skipgpt"
     counted = stats
     if cfg.sparsity_of == "argmax" and not fixed_budget:  # steer the deployed ratio; the LM loss still sees the samples
-        counted = gate_stats(deployed_gates(model, batch), state.token_mask, state.module_params, state.replacement_params)
+        counted = gate_stats(deployed_gates(model, batch), state.token_mask, state.module_params, state.replacement_params,
+                             state.router_params)
     sparsity = counted.value(cfg.target_unit)
     penalty = sparsity.new_zeros(()) if fixed_budget else cfg.alpha * (cfg.target - sparsity).abs()
     logged = {**lm_parts, "sparsity_loss": penalty, "sparsity": sparsity, "module_sparsity": stats.module,
