@@ -165,6 +165,7 @@ class TuneConfig(JsonConfig):
     calibrate: bool = True
     calib_sequences: int = 4
     calib_seq_len: int = 1024
+    calib_sample: str = "tail"  # or "spread": whole documents from across the training text (skipgpt.data)
     # Wall-clock budget in minutes for tuning plus calibration on this machine: when set, a short
     # timing probe sizes ``steps`` before training (the τ schedule needs the count up front).
     budget_minutes: float | None = None

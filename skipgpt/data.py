@@ -193,36 +193,79 @@ def cut_windows(stream: torch.Tensor, seq_len: int, bos: int | None = None, limi
     return torch.cat([torch.full((n, 1), bos, dtype=windows.dtype), windows], dim=1)
 
 
+def _document_ids(tokenizer, documents: list[str]) -> list[list[int]]:
+    """Each non-blank document's token ids, followed by EOS where the tokenizer has one."""
+    eos = tokenizer.eos_token_id
+    return [tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"] + ([eos] if eos is not None else [])
+            for doc in documents if doc.strip()]
+
+
 def pack_documents(tokenizer, documents: list[str], seq_len: int) -> torch.Tensor:
     """Training sequences [N, seq_len]: documents tokenised, joined with EOS, cut without padding."""
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    for doc in documents:
-        if doc.strip():
-            ids.extend(tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"])
-            if eos is not None:
-                ids.append(eos)
+    ids = [t for doc in _document_ids(tokenizer, documents) for t in doc]
     n = len(ids) // seq_len
     if n == 0:
         raise SkipGPTError(f"the data has {len(ids)} tokens, fewer than one sequence of {seq_len}; use more text or a shorter --seq-len")
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
+CALIB_SAMPLES = ("tail", "spread")
+
+
+def _spread_order(n: int) -> list[int]:
+    """Indices 0..n-1 in van der Corput order (1/2, 1/4, 3/4, 1/8, ...): any prefix is spread
+    evenly over the whole range."""
+    order, seen, k = [], set(), 1
+    while len(order) < n and k < 64 * n:
+        x, f, i = 0.0, 0.5, k
+        while i:
+            x, i, f = x + f * (i & 1), i >> 1, f / 2
+        index = int(x * n)
+        if index not in seen:
+            seen.add(index)
+            order.append(index)
+        k += 1
+    return order + [i for i in range(n) if i not in seen]
+
+
+def _spread_split(docs: list[list[int]], need: int) -> tuple[list[int], list[int]] | None:
+    """(training stream, held-out stream of at least ``need`` tokens) with whole documents held
+    out from across the corpus; None where the corpus cannot spare them."""
+    held, count = set(), 0
+    for i in _spread_order(len(docs)):
+        if count >= need:
+            break
+        held.add(i)
+        count += len(docs[i])
+    if count < need:
+        return None
+    train = [t for i, d in enumerate(docs) if i not in held for t in d]
+    return train, [t for i in sorted(held) for t in docs[i]]
+
+
 def training_sequences(
-    tokenizer, documents: list[str], seq_len: int, calib_sequences: int, calib_seq_len: int
+    tokenizer, documents: list[str], seq_len: int, calib_sequences: int, calib_seq_len: int, calib_sample: str = "tail"
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(training sequences [N, seq_len], calibration sequences [C, calib_seq_len]).
 
-    Calibration text is the tail of the training corpus, held out from training, so that
-    threshold calibration never sees evaluation text and never sees what routers fitted. Both
+    Calibration text is held out from training, so that threshold calibration never sees
+    evaluation text and never sees what routers fitted: the tail of the training corpus
+    (``calib_sample="tail"``), or whole documents drawn evenly from across it (``"spread"``). Both
     start every sequence with BOS where the tokenizer's convention is to (:func:`bos_token`).
     """
-    stream = pack_documents(tokenizer, documents, 1).flatten()
+    if calib_sample not in CALIB_SAMPLES:
+        raise SkipGPTError(f"calib_sample must be one of {CALIB_SAMPLES}, got {calib_sample!r}")
     bos = bos_token(tokenizer)
-    held = calib_sequences * (calib_seq_len - (bos is not None))
-    if held and stream.numel() - held >= 4 * seq_len:
-        calib = cut_windows(stream[-held:], calib_seq_len, bos)
-        stream = stream[:-held]
+    need = calib_sequences * (calib_seq_len - (bos is not None))
+    if calib_sample == "spread" and need:
+        split = _spread_split(_document_ids(tokenizer, documents), need)
+        if split is not None and len(split[0]) >= 4 * seq_len:
+            train, held = (torch.tensor(part, dtype=torch.long) for part in split)
+            return cut_windows(train, seq_len, bos), cut_windows(held[:need], calib_seq_len, bos)
+    stream = pack_documents(tokenizer, documents, 1).flatten()
+    if need and stream.numel() - need >= 4 * seq_len:
+        calib = cut_windows(stream[-need:], calib_seq_len, bos)
+        stream = stream[:-need]
     else:
         calib = None
     train = cut_windows(stream, seq_len, bos)

@@ -58,7 +58,9 @@ def test_routing_map_and_sparsity_split_agree():
     assert 0 < executed.mean() < 1, "random routers should execute some modules and skip others"
     params, replacements = routing_state(model).module_params.double(), routing_state(model).replacement_params.double()
     assert replacements.min() > 0  # a skipped module still costs its replacement
-    cost = executed @ params + (1 - executed) @ replacements
+    routers = routing_state(model).router_params.double().sum()  # every token runs every router
+    assert routers > 0
+    cost = executed @ params + (1 - executed) @ replacements + routers
     torch.testing.assert_close(torch.tensor(result["param_fraction_executed"], dtype=torch.float64), cost / params.sum())
     torch.testing.assert_close(torch.tensor(result["module_fraction_executed"], dtype=torch.float64), executed.mean(1))
     split = analysis.sparsity_split(model, ids)

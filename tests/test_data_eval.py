@@ -240,3 +240,14 @@ def test_ptb_test_text_follows_the_gptq_protocol():
 def test_c4_sample_is_the_default_training_text():
     source = load_source("c4", "train", DATA)
     assert len(source.documents) == 1000 and all(isinstance(d, str) and d for d in source.documents)
+
+
+def test_spread_calibration_holds_out_whole_documents_from_across_the_corpus():
+    train, calib = training_sequences(WordIdTokenizer(), DOCS, seq_len=16, calib_sequences=2, calib_seq_len=64, calib_sample="spread")
+    assert calib.shape == (2, 64)
+    # Documents 5 and 2 (the middle, then the first quarter: van der Corput order), in corpus order, cut to 128 tokens.
+    assert calib.flatten().tolist() == list(range(200, 300)) + list(range(500, 528))
+    assert not set(range(200, 300)) & set(train.flatten().tolist()) and not set(range(500, 600)) & set(train.flatten().tolist())
+    assert train.shape == ((1000 - 200) // 16, 16)  # the two held documents leave the training stream whole
+    with pytest.raises(SkipGPTError, match="calib_sample must be one of"):
+        training_sequences(WordIdTokenizer(), DOCS, 16, 2, 64, calib_sample="middle")

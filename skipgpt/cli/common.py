@@ -14,7 +14,7 @@ from accelerate import Accelerator
 
 from ..baselines import load_pruned, read_plan
 from ..config import RouterConfig, TuneConfig
-from ..data import DATA_DIR_ENV, data_dir
+from ..data import CALIB_SAMPLES, DATA_DIR_ENV, data_dir
 from ..devices import DTYPE_CHOICES, parse_max_memory
 from ..errors import SkipGPTError
 from ..lock import output_lock
@@ -127,6 +127,9 @@ def tune_args(p: argparse.ArgumentParser, steps: int) -> None:
                         "at that layer (smaller KV cache at inference; trained with the same masking)")
     p.add_argument("--raw-input", action="store_true", help="feed routers the raw residual stream instead of its RMS-normalised form")
     p.add_argument("--no-calibrate", action="store_true", help="keep argmax threshold 0 instead of calibrating it to the target")
+    p.add_argument("--calib-sample", choices=CALIB_SAMPLES, default=d.calib_sample,
+                   help="the held-out calibration text: the tail of the training text, or whole documents drawn "
+                        "evenly from across it (spread)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (measure first on CPU)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -139,7 +142,7 @@ def tune_config(args: argparse.Namespace) -> tuple[TuneConfig, RouterConfig]:
         grad_accum=args.grad_accum, seq_len=args.seq_len, lr=args.lr, weight_decay=args.weight_decay,
         tau_start=args.tau_start, tau_end=args.tau_end,
         loss=args.loss, bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
-        save_every=args.save_every, calibrate=not args.no_calibrate, budget_minutes=args.budget_minutes,
+        save_every=args.save_every, calibrate=not args.no_calibrate, calib_sample=args.calib_sample, budget_minutes=args.budget_minutes,
         noise_start=args.noise_start, noise_end=args.noise_end, noise_from=args.noise_from, sparsity_of=args.sparsity_of,
         lr_schedule=args.lr_schedule, min_lr_ratio=args.min_lr_ratio, lr_decay_from=args.lr_decay_from,
         hidden_distill=args.hidden_distill, fit_sequences=args.fit_sequences,

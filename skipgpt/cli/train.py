@@ -11,7 +11,7 @@ import torch
 
 from ..baselines.compare import CompareConfig, split_training_text
 from ..config import RouterConfig, TuneConfig, check_target
-from ..data import load_source, tokenize, training_sequences
+from ..data import CALIB_SAMPLES, bos_token, cut_windows, load_source, tokenize, training_sequences
 from ..errors import SkipGPTError
 from ..evaluation.report import pct, table
 from ..routing.adapters import get_adapter
@@ -92,6 +92,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target", type=float, required=True, help="ratio argmax routing should deliver, in [0, 1)")
     p.add_argument("--target-unit", choices=["params", "modules"], default=TuneConfig.target_unit)
     p.add_argument("--data", default=None, help="calibration text, as tune's --data (default: the training text)")
+    p.add_argument("--calib-sample", choices=CALIB_SAMPLES, default=TuneConfig.calib_sample,
+                   help="with --split train: the held-out tail of the training text, or documents from across it (spread)")
     p.add_argument("--split", default="train",
                    help="train: the held-out tail of the training text, as tune calibrates; valid: the start of a named "
                         "set's validation split (in-domain calibration, e.g. --data wikitext2 --split valid)")
@@ -111,7 +113,8 @@ def run_tune(args: argparse.Namespace, data: str) -> dict[str, Any]:
         source = load_source(data, "train", args.data_dir)
         model, tokenizer = load_from_args(args)
         get_adapter(model)
-        train_ids, calib_ids = training_sequences(tokenizer, source.documents, tune_cfg.seq_len, tune_cfg.calib_sequences, tune_cfg.calib_seq_len)
+        train_ids, calib_ids = training_sequences(tokenizer, source.documents, tune_cfg.seq_len, tune_cfg.calib_sequences,
+                                                  tune_cfg.calib_seq_len, tune_cfg.calib_sample)
         print(f"skipgpt: tuning routers on {source.description}: {train_ids.shape[0]} sequences of {tune_cfg.seq_len} tokens"
               f"{'' if calib_ids is None else f', {calib_ids.numel()} held-out tokens for calibration'}", file=sys.stderr)
         return tune_routers(
@@ -188,11 +191,11 @@ def cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     model, tokenizer = routed_model(args)
     cfg = TuneConfig()
     if args.split == "train":
-        _, calib_ids = training_sequences(tokenizer, source.documents, cfg.seq_len, cfg.calib_sequences, cfg.calib_seq_len)
+        _, calib_ids = training_sequences(tokenizer, source.documents, cfg.seq_len, cfg.calib_sequences, cfg.calib_seq_len,
+                                          args.calib_sample)
     else:  # text never trained on: its first windows
-        ids = tokenize(tokenizer, source.text())
-        enough = ids.numel() >= cfg.calib_sequences * cfg.calib_seq_len
-        calib_ids = ids[: cfg.calib_sequences * cfg.calib_seq_len].view(cfg.calib_sequences, -1) if enough else None
+        calib_ids = cut_windows(tokenize(tokenizer, source.text()), cfg.calib_seq_len, bos_token(tokenizer), cfg.calib_sequences)
+        calib_ids = calib_ids if calib_ids.shape[0] == cfg.calib_sequences else None
     if calib_ids is None:
         raise SkipGPTError(f"{source.description} is too short to hold out {cfg.calib_sequences} x {cfg.calib_seq_len} calibration tokens")
     result = recalibrate(model, args.routers, calib_ids, args.target, args.target_unit, out,
