@@ -27,7 +27,7 @@ import yaml
 from skipgpt.evaluation.report import table
 from skipgpt.evaluation.zeroshot import evaluate_tasks
 from skipgpt.evaluation.zeroshot_tasks import PAPER_METRICS, cache_root, find_task_files, prepare_task_data, task_config
-from skipgpt.files import write_json
+from skipgpt.files import write_result
 from skipgpt.inference.export import export_model
 from skipgpt.models import load_model
 from skipgpt.routing.save_load import load_routers
@@ -107,9 +107,7 @@ def main() -> None:
              for label, row in rows.items()]
     text = table(header, lines)
     print(text)
-    out = Path(args.out)
-    write_json(out.with_name(out.name + ".json"), result)
-    out.with_name(out.name + ".md").write_text(
+    write_result(args.out, result,
         f"# lm-eval on an exported routed model vs `skipgpt eval --tasks`\n\n{args.model} + `{args.routers}`, {args.task} "
         f"first {args.limit} examples, batch {args.batch_size}, float32, CPU; commit {commit}; "
         f"`python benchmarks/lm_eval_agreement.py`.\n\n{text}\n")

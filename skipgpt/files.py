@@ -49,3 +49,10 @@ def cache_dir() -> Path:
             "Set SKIPGPT_CACHE to a writable directory."
         ) from e
     return path
+
+
+def write_result(stem: str | Path, data: Any, markdown: str) -> None:
+    """A result as ``STEM.json`` beside its table ``STEM.md`` (a stem may hold dots: no suffix logic)."""
+    stem = Path(stem)
+    write_json(stem.with_name(stem.name + ".json"), data)
+    write_text(stem.with_name(stem.name + ".md"), markdown)

