@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..config import RouterConfig
+from ..routing.routers import Router
 
 
 @dataclass(frozen=True)
@@ -126,11 +127,11 @@ def router_flops(hidden: int, router: str, input_norm: bool = True) -> float:
 
 
 def routing_parameters(hidden: int, config: RouterConfig) -> tuple[int, int]:
-    """Parameters of one router and of one module's replacement (both held in float32)."""
-    quarter = hidden // 4
-    router = 2 * hidden + 2 if config.router == "linear" else hidden * quarter + quarter + quarter * 2 + 2
-    replacement = {"none": 0, "bias": hidden, "lowrank": hidden + 2 * hidden * config.replacement_rank}
-    return router, replacement[config.replacement]
+    """Parameters of one router and of one module's replacement (both held in float32), counted
+    by the modules themselves, built on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        router = Router(hidden, config)
+    return router.cost(), 0 if router.replacement is None else router.replacement.cost()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -135,7 +135,8 @@ def dense_update(kind: str, norm: nn.Module, module: nn.Module, post_norm: nn.Mo
     ones (KV policy ``keep`` only: every token writes its keys, as the model's own code does).
     Where reading the weights costs what computing does, this is cheaper than a gather."""
     out = module_output(kind, norm, module, post_norm, hidden, kwargs)
-    return torch.where(execute.unsqueeze(-1), out.to(hidden.dtype), 0)  # autocast may compute in bf16: the stream's dtype, as a gather's scatter
+    # Under autocast the branch may compute in bf16: the update keeps the stream's dtype, as a gather's scatter does.
+    return torch.where(execute.unsqueeze(-1), out.to(hidden.dtype), 0)
 
 
 def skip_branch(
