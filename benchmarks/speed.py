@@ -49,6 +49,7 @@ from skipgpt import DroppedKVCache, RouterConfig, attach_routers, detach_routers
 from skipgpt.data import load_source, tokenize
 from skipgpt.evaluation.report import table
 from skipgpt.files import write_json
+from skipgpt.identity import code_revision
 from skipgpt.inference.cost import FlopCount, ModelShape, replacement_flops, router_flops
 from skipgpt.models import load_model, load_tokenizer
 from skipgpt.routing.save_load import load_routers_state_dict, routers_state_dict
@@ -62,19 +63,8 @@ DEFAULT_ROUTERS = "smollm2-135m-rt25,smollm2-135m-rt40"
 _TEXT_IDS: dict[tuple, torch.Tensor] = {}
 
 
-def git_commit(repo: Path = Path(__file__).resolve().parents[1]) -> str:
-    """The checked-out commit, read from .git (no git process); "unknown" outside a checkout."""
-    try:
-        git = repo / ".git"
-        if git.is_file():  # a worktree: "gitdir: PATH"
-            git = Path(git.read_text().split(":", 1)[1].strip())
-        head = (git / "HEAD").read_text().strip()
-        ref = head.removeprefix("ref: ")
-        if ref == head or (git / ref).is_file():
-            return (head if ref == head else (git / ref).read_text().strip())[:7]
-        return next(line.split()[0][:7] for line in (git / "packed-refs").read_text().splitlines() if line.endswith(" " + ref))
-    except (OSError, StopIteration, IndexError):
-        return "unknown"
+def git_commit() -> str:
+    return code_revision()
 
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:

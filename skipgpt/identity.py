@@ -11,6 +11,7 @@ rounds first at other points and may not: a mismatch is then a warning to read, 
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -47,3 +48,19 @@ def source_name(model: nn.Module) -> str:
 def revision(model: nn.Module) -> str:
     """The hub commit the weights came from, where transformers knows it."""
     return str(getattr(model.config, "_commit_hash", "") or "")
+
+
+def code_revision(repo: Path = Path(__file__).resolve().parents[1]) -> str:
+    """The commit of the checkout this package runs from, read from .git (no git process), so a
+    result names the code that made it; "unknown" for an installed package outside a checkout."""
+    try:
+        git = repo / ".git"
+        if git.is_file():  # a worktree: "gitdir: PATH"
+            git = Path(git.read_text().split(":", 1)[1].strip())
+        head = (git / "HEAD").read_text().strip()
+        ref = head.removeprefix("ref: ")
+        if ref == head or (git / ref).is_file():
+            return (head if ref == head else (git / ref).read_text().strip())[:7]
+        return next(line.split()[0][:7] for line in (git / "packed-refs").read_text().splitlines() if line.endswith(" " + ref))
+    except (OSError, StopIteration, IndexError):
+        return "unknown"

@@ -162,7 +162,12 @@ def test_prune_and_compare_cli_end_to_end(tmp_path, capsys):
     share = routing_state(routers).router_share
     assert share > 0.01
     assert abs(rows[3]["achieved_ratio"] + share - 0.34) <= 1 / 32
-    assert "| shortgpt" in (cmp / "comparison.md").read_text()
+    assert "| ShortGPT" in (cmp / "comparison.md").read_text()
+    # Every row records how it was made and the ratio each evaluation set got.
+    assert all(r["command"].startswith("skipgpt compare --model") and r["commit"] for r in rows)
+    assert rows[1]["ratios"] == {str(test): rows[1]["achieved_ratio"]}  # static: the same parameters everywhere
+    assert rows[3]["ratios"][str(test)] == rows[3]["achieved_ratio"]
+    assert {p.name for p in cmp.glob("scoreboard.*")} == {"scoreboard.json", "scoreboard.md", "scoreboard.png"}
     capsys.readouterr()
     assert main(args) == 0  # a second run reuses every row
     assert capsys.readouterr().out.count("[compare] reusing") == 4
@@ -173,16 +178,39 @@ def test_prune_and_compare_cli_end_to_end(tmp_path, capsys):
                  "--out", str(tmp_path / "x")]) == 2
 
 
-def test_compare_adds_lora_rows_after_static_methods(tmp_path):
+def test_compare_stage_two_rows(tmp_path, capsys):
+    """--lora-steps adds dense + LoRA, SkipGPT-RT-L over the SkipGPT-RT row, SkipGPT-Joint with as many
+    training tokens as RT plus RT-L, and LoRA for the --lora-static best static methods only."""
     model_dir = save_tiny_model_dir(tmp_path / "tiny")
     train = write_word_text(tmp_path / "train.txt", 6000)
     test = write_word_text(tmp_path / "test.txt", 800, seed=7)
     cmp = tmp_path / "cmp"
-    assert main(["compare", "--model", str(model_dir), "--ratio", "0.34", "--methods", "joint-layer-drop", "--no-dense",
-                 "--data", str(train), "--eval", str(test), "--seq-len", "32", "--calib-sequences", "2",
-                 "--calib-seq-len", "64", "--lora-steps", "2", "--out", str(cmp)]) == 0
+    args = ["compare", "--model", str(model_dir), "--ratio", "0.34", "--methods", "joint-layer-drop,shortgpt,skipgpt-rt",
+            "--data", str(train), "--eval", str(test), "--seq-len", "32", "--calib-sequences", "2", "--calib-seq-len", "64",
+            "--steps", "2", "--lora-steps", "2", "--lora-static", "1", "--out", str(cmp)]
+    assert main(args) == 0
+    rows = {r["method"]: r for r in json.loads((cmp / "comparison.json").read_text())["rows"]}
+    static = sorted(("joint-layer-drop", "shortgpt"), key=lambda m: rows[m]["ppl"][str(test)])
+    assert set(rows) == {"dense", "joint-layer-drop", "shortgpt", "skipgpt-rt", "dense, LoRA", "skipgpt-rt, LoRA",
+                         "skipgpt-joint", f"{static[0]}, LoRA"}
+    best = rows[f"{static[0]}, LoRA"]
+    assert best["kind"] == "static + LoRA" and best["achieved_ratio"] == rows[static[0]]["achieved_ratio"]
+    assert best["ppl"] != rows[static[0]]["ppl"] and (cmp / f"{static[0]}_0.34_lora" / "adapter_config.json").is_file()
+    rtl, rt, joint = rows["skipgpt-rt, LoRA"], rows["skipgpt-rt"], rows["skipgpt-joint"]
+    assert rtl["label"] == "SkipGPT-RT-L" and rtl["kind"] == "dynamic + LoRA" and 0 < rtl["achieved_ratio"] < 1
+    assert rt["train_tokens"] == 2 * 4 * 256 and rtl["train_tokens"] == 2 * rt["train_tokens"] == joint["train_tokens"]
+    assert "stage 1 train" in rtl["wall_s"] and (cmp / "skipgpt-rt_0.34_lora" / "adapter_config.json").is_file()
+    assert rows["dense, LoRA"]["kind"] == "dense + LoRA" and rows["dense, LoRA"]["ppl"] != rows["dense"]["ppl"]
+    capsys.readouterr()
+    assert main(args) == 0  # every row reused, stage 2 included
+    assert capsys.readouterr().out.count("[compare] reusing") == 8
+    # A router set trained elsewhere is scored as a row, and gets its own LoRA row.
+    assert main([*args, "--router-set", f"tuned earlier={cmp / 'skipgpt-rt_0.34'}"]) == 0
     rows = json.loads((cmp / "comparison.json").read_text())["rows"]
-    assert [r["method"] for r in rows] == ["joint-layer-drop", "joint-layer-drop, LoRA"]
-    assert rows[1]["achieved_ratio"] == rows[0]["achieved_ratio"] and rows[1]["ppl"] != rows[0]["ppl"]
-    assert 0 <= rows[0]["attn_skipped"] <= 1 and 0 <= rows[0]["mlp_skipped"] <= 1 and rows[0]["attn_skipped"] + rows[0]["mlp_skipped"] > 0
-    assert (cmp / "joint-layer-drop_0.34" / "lora" / "adapter_config.json").is_file()
+    tuned = [r for r in rows if r["label"].startswith("tuned earlier")]
+    assert [(r["method"], r["kind"]) for r in tuned] == [("router-set", "dynamic"), ("router-set, LoRA", "dynamic + LoRA")]
+    assert tuned[0]["ppl"] == rows[[r["method"] for r in rows].index("skipgpt-rt")]["ppl"]  # the same routers, the same protocol
+    assert tuned[0]["target_ratio"] == 0.34 and tuned[0]["train_tokens"] == rt["train_tokens"]
+    assert main([*args, "--router-set", "no label"]) == 2
+
+

@@ -166,6 +166,28 @@ def test_dense_end_to_end_and_missing_task_skipped(dense_result, data_dir):
     assert "piqa" in zeroshot.report(dense_result, "dense")
 
 
+def test_seeded_sample_scores_the_same_examples_and_keeps_each_one(dense_result, data_dir, cache, tokenizer):
+    """``sample`` scores a seeded subset (the same in every run and process), and each example's
+    correctness and number of choices are kept, so rows can be compared paired."""
+    picked = zeroshot.sample_indices("arc_easy", N, 3, seed=0)
+    assert picked == sorted(picked) and len(set(picked)) == 3 and picked == zeroshot.sample_indices("arc_easy", N, 3, seed=0)
+    assert {tuple(zeroshot.sample_indices("arc_easy", 1000, 5, seed=s)) for s in range(4)}.__len__() == 4
+    assert zeroshot.sample_indices("piqa", N, 50) == list(range(N))  # a task smaller than the sample: all of it
+    result = run(tiny_model(), tokenizer, data_dir, cache, tasks="piqa,arc_easy", sample=3)
+    for name in ("piqa", "arc_easy"):
+        ex = result[name]["examples"]
+        assert ex["doc_ids"] == zeroshot.sample_indices(name, N, 3) and result[name]["n"] == 3
+        assert result[name]["sample"] == {"size": 3, "seed": 0, "of": N}
+        assert result[name]["value"] == pytest.approx(sum(ex["correct"]) / 3)
+        # The same model scores each sampled example exactly as in the full run.
+        full = dense_result[name]["examples"]
+        assert ex["correct"] == [full["correct"][full["doc_ids"].index(i)] for i in ex["doc_ids"]]
+    assert dense_result["arc_easy"]["examples"]["n_choices"] == [len(ch) for _, ch, _ in ARC]
+    assert dense_result["piqa"]["examples"]["n_choices"] == [2] * N
+    with pytest.raises(SkipGPTError, match="either limit"):
+        run(tiny_model(), tokenizer, data_dir, cache, tasks="piqa", sample=3, limit=3)
+
+
 def routed_model():
     model = tiny_model()
     attach_routers(model, RouterConfig(init_bias=0.0))  # random routers: a good share of modules skipped
@@ -252,8 +274,21 @@ def test_compare_adds_zero_shot_columns(tmp_path, data_dir, monkeypatch, tokeniz
     out = tmp_path / "cmp"
     assert main(["compare", "--model", str(model_dir), "--ratio", "0.34", "--methods", "shortgpt", "--data", str(train),
                  "--eval", str(test), "--seq-len", "16", "--calib-sequences", "2", "--calib-seq-len", "32",
-                 "--tasks", "piqa", "--limit", "3", "--data-dir", str(data_dir), "--out", str(out)]) == 0
+                 "--tasks", "piqa,arc_easy", "--sample", "3", "--data-dir", str(data_dir), "--out", str(out)]) == 0
     rows = json.loads((out / "comparison.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["dense", "shortgpt"]
     assert all(0.0 <= r["zeroshot"]["piqa"] <= 1.0 and r["eval"]["zeroshot"]["piqa"]["n"] == 3 for r in rows)
     assert "piqa (%)" in (out / "comparison.md").read_text()
+    # Every row scored the same seeded examples, so the scoreboard compares them to dense paired.
+    for r in rows:
+        assert r["zeroshot_examples"]["piqa"]["doc_ids"] == zeroshot.sample_indices("piqa", N, 3)
+        assert "examples" not in r["eval"]["zeroshot"]["piqa"]  # kept once, beside
+    board = json.loads((out / "scoreboard.json").read_text())
+    dense, pruned = board["rows"]
+    assert dense["zeroshot_stats"]["diff_to_dense"] is None and dense["zeroshot_stats"]["tasks"]["piqa"]["n"] == 3
+    stats = pruned["zeroshot_stats"]
+    lo, hi = stats["diff_ci95"]
+    assert stats["diff_to_dense"] == pytest.approx(stats["average"] - dense["zeroshot_stats"]["average"]) and lo <= stats["diff_to_dense"] <= hi
+    assert "seeded subset (seed 0) of 3" in (out / "scoreboard.md").read_text()
+    assert main(["compare", "--model", str(model_dir), "--data", str(train), "--eval", str(test), "--tasks", "piqa",
+                 "--sample", "3", "--limit", "3", "--data-dir", str(data_dir), "--out", str(tmp_path / "x")]) == 2

@@ -1,16 +1,26 @@
 """``skipgpt compare``: every requested method at every requested ratio, one data pipeline,
-one perplexity protocol, one table.
+one perplexity protocol, one zero-shot sample, one table: the paper's scoreboard.
 
-Each (method, ratio) gets a directory under ``out`` holding what it produced (a prune plan,
-routers, a LoRA adapter) and ``row.json``; a finished row is reused, so an interrupted
-comparison resumes where it stopped and adding a method re-runs only that method.
-Calibration text (static methods) is the held-out tail of ``--data``, the same text router
-tuning never trains on; evaluation text is never seen by any method.
+Rows come in two stages. Stage 1: dense, every static and dynamic method at every ratio, and any
+already trained router sets (``router_sets``, e.g. the shipped ones). Stage 2 (``lora_steps`` > 0),
+each with the same LoRA budget: dense + LoRA, SkipGPT-RT-L (LoRA over each SkipGPT-RT row's frozen
+routers), SkipGPT-Joint (routers and LoRA from scratch, as many steps as RT plus RT-L, so the same
+training tokens) and the ``lora_static`` best static methods of each ratio (by perplexity on the
+first evaluation set) + LoRA.
+
+Each row gets a directory under ``out`` holding what it produced (a prune plan, routers, a LoRA
+adapter) and ``row.json``; a finished row is reused, so an interrupted comparison resumes where it
+stopped and adding a method re-runs only that method. Calibration text (static methods, threshold
+calibration) is the held-out tail of ``--data``, the text router tuning never trains on;
+evaluation text is never seen by any method. Every row is scored on the same zero-shot examples
+(a seeded subset, ``task_sample``), so its accuracy can be compared to dense paired
+(:mod:`skipgpt.evaluation.scoreboard`, written as ``scoreboard.{json,md,png}``).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -24,19 +34,25 @@ from ..data import training_sequences
 from ..errors import SkipGPTError
 from ..evaluation.perplexity import perplexity
 from ..evaluation.report import pct, table
+from ..evaluation.scoreboard import build_scoreboard, write_scoreboard
 from ..evaluation.zeroshot import evaluate_tasks, task_names
 from ..files import write_json, write_text
+from ..identity import code_revision
 from ..pause import pause_point
 from ..routing.adapters import KINDS
-from ..routing.save_load import load_routers
+from ..routing.save_load import load_routers, read_router_config
+from ..routing.surgery import attach_routers
 from ..training.finetune import FinetuneConfig, finetune
 from ..training.tune import RESULTS_NAME, tune_routers
 from .dynamic import dynamic_router_config
-from .registry import DYNAMIC, STATIC, method_names
-from .save_load import save_pruned
+from .registry import DYNAMIC, STATIC, method_label, method_names
+from .save_load import load_pruned, save_pruned
 from .structure import module_parameter_counts
 
 ROW_NAME = "row.json"
+SCOREBOARD_STEM = "scoreboard"
+RT = "skipgpt-rt"  # the method stage 2 builds SkipGPT-RT-L and SkipGPT-Joint from
+ROUTER_SET = "router-set"  # rows of trained router sets (CompareConfig.router_sets)
 
 
 @dataclass
@@ -49,11 +65,16 @@ class CompareConfig:
     calib_sequences: int = 8  # held-out calibration text for static methods
     calib_seq_len: int = 512
     tune: TuneConfig = field(default_factory=TuneConfig)  # the budget every dynamic method gets
-    lora_steps: int = 0  # > 0 adds a "+ LoRA" row per static result (stage-2 recipe, dense mode)
+    lora_steps: int = 0  # > 0: the stage-2 rows (module docstring), each with this many LoRA steps
+    lora_static: int = 3  # static methods per ratio that get a "+ LoRA" row, best first
     tasks: tuple[str, ...] = ()  # zero-shot tasks (lm-eval) scored for every row, beside perplexity
-    task_limit: int | None = None
+    task_limit: int | None = None  # the first N examples of each task
+    task_sample: int | None = None  # or a seeded subset of N, the same for every row
+    task_seed: int = 0
+    router_sets: tuple[tuple[str, str], ...] = ()  # (label, builtin name or directory): trained sets scored as rows
     include_dense: bool = True
     report_only: bool = False  # rebuild the table from finished rows; run nothing
+    command: str = ""  # recorded in every row
 
     def resolved_methods(self) -> list[str]:
         names = method_names() if "all" in self.methods else list(self.methods)
@@ -77,6 +98,16 @@ class Inputs:
     data_dir: str | None = None  # where zero-shot task files are (None: $SKIPGPT_DATA_DIR)
 
 
+@dataclass(frozen=True)
+class Job:
+    """One row to run (or reuse): its directory under ``out`` and how to make it."""
+
+    key: str
+    method: str
+    ratio: float
+    make: Callable[[Path], list[dict[str, Any]]]
+
+
 def split_training_text(tokenizer: Any, documents: list[str], cfg: CompareConfig) -> tuple[torch.Tensor, torch.Tensor]:
     train_ids, calib_ids = training_sequences(tokenizer, documents, cfg.tune.seq_len, cfg.calib_sequences, cfg.calib_seq_len)
     if calib_ids is None:
@@ -88,24 +119,49 @@ def _evaluate(model: torch.nn.Module, inputs: Inputs, cfg: CompareConfig, label:
     evals: dict[str, Any] = {name: perplexity(model, inputs.tokenizer, text, seq_len=cfg.seq_len, max_windows=cfg.max_windows,
                                               desc=f"{label} {name}") for name, text in inputs.eval_texts.items()}
     if cfg.tasks:
-        evals["zeroshot"] = evaluate_tasks(model, inputs.tokenizer, list(cfg.tasks), limit=cfg.task_limit, data_dir=inputs.data_dir)
+        evals["zeroshot"] = evaluate_tasks(model, inputs.tokenizer, list(cfg.tasks), limit=cfg.task_limit,
+                                           sample=cfg.task_sample, sample_seed=cfg.task_seed, data_dir=inputs.data_dir)
     return evals
 
 
-def _row(method: str, kind: str, target: float, achieved: float | None, evals: dict[str, Any], budget: str,
-         wall: dict[str, float], artifacts: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def _row(method: str, label: str, kind: str, target: float, achieved: float | None, evals: dict[str, Any], budget: str,
+         wall: dict[str, float], artifacts: Path, cfg: CompareConfig, train_tokens: int = 0,
+         extra: dict[str, Any] | None = None) -> dict[str, Any]:
     ppl = {name: r for name, r in evals.items() if name != "zeroshot"}
     split = next(iter(ppl.values()), {}).get("sparsity") or {}
     zeroshot = evals.get("zeroshot") or {}
-    return {"method": method, "kind": kind, "target_ratio": target, "achieved_ratio": achieved,
-            "attn_skipped": split.get("attn_sparsity"), "mlp_skipped": split.get("mlp_sparsity"),
+    # The ratio each evaluation set got: routing decides per token, so it differs by text; a
+    # static model removes the same parameters everywhere.
+    ratios = {name: (r.get("sparsity") or {}).get("param_ratio", achieved) for name, r in evals.items()}
+    return {"method": method, "label": label, "kind": kind, "target_ratio": target, "achieved_ratio": achieved,
+            "ratios": ratios, "attn_skipped": split.get("attn_sparsity"), "mlp_skipped": split.get("mlp_sparsity"),
             "ppl": {name: r["ppl"] for name, r in ppl.items()},
-            "zeroshot": {t: zeroshot[t]["value"] for t in task_names(zeroshot)} if zeroshot else {},
-            "eval": evals, "budget": budget,
-            "wall_s": {k: round(v, 1) for k, v in wall.items()}, "artifacts": str(artifacts), **(extra or {})}
+            "zeroshot": {t: zeroshot[t]["value"] for t in task_names(zeroshot)},
+            "zeroshot_examples": {t: zeroshot[t]["examples"] for t in task_names(zeroshot)},
+            "eval": {**evals, **({"zeroshot": {**zeroshot, **{t: {k: v for k, v in zeroshot[t].items() if k != "examples"}
+                                                            for t in task_names(zeroshot)}}} if zeroshot else {})},
+            "budget": budget, "train_tokens": train_tokens,
+            "wall_s": {k: round(v, 1) for k, v in wall.items()}, "artifacts": str(artifacts),
+            "command": cfg.command, "commit": code_revision(), **(extra or {})}
+
+
+def _lora_config(cfg: CompareConfig, mode: str, steps: int | None = None) -> FinetuneConfig:
+    return FinetuneConfig(mode=mode, steps=steps or cfg.lora_steps, seq_len=cfg.tune.seq_len, batch_size=cfg.tune.batch_size)
+
+
+def _tokens(steps: int, batch_size: int, seq_len: int, grad_accum: int = 1) -> int:
+    return steps * batch_size * grad_accum * seq_len
+
+
+def _dense_row(inputs: Inputs, cfg: CompareConfig, row_dir: Path) -> list[dict[str, Any]]:
+    tick = time.perf_counter()
+    evals = _evaluate(inputs.fresh_model(), inputs, cfg, "dense")
+    return [_row("dense", "Dense", "dense", 0.0, 0.0, evals, "-", {"eval": time.perf_counter() - tick}, row_dir, cfg)]
 
 
 def _static_row(name: str, ratio: float, inputs: Inputs, cfg: CompareConfig, row_dir: Path) -> list[dict[str, Any]]:
+    if row_dir.exists():  # a static method that stopped half-way: nothing worth keeping
+        shutil.rmtree(row_dir)
     model = inputs.fresh_model()
     counts = module_parameter_counts(model).view(-1, len(KINDS))
     tick = time.perf_counter()
@@ -119,25 +175,13 @@ def _static_row(name: str, ratio: float, inputs: Inputs, cfg: CompareConfig, row
                "plan_extra": {k: v for k, v in plan.extra.items() if k != "trials"}}
     tick = time.perf_counter()
     evals = _evaluate(model, inputs, cfg, name)
-    rows = [_row(name, "static", ratio, plan.achieved_ratio, evals, calib, {"prune": prune_s, "eval": time.perf_counter() - tick}, row_dir, removed)]
-    if cfg.lora_steps:
-        lora_cfg = FinetuneConfig(mode="dense", steps=cfg.lora_steps, seq_len=cfg.tune.seq_len, batch_size=cfg.tune.batch_size)
-        tick = time.perf_counter()
-        peft_model, _ = finetune(model, inputs.train_ids, lora_cfg, row_dir / "lora", progress=True)
-        train_s = time.perf_counter() - tick
-        peft_model.eval()
-        tick = time.perf_counter()
-        evals = _evaluate(peft_model, inputs, cfg, f"{name}+LoRA")
-        tokens = cfg.lora_steps * lora_cfg.batch_size * lora_cfg.seq_len
-        rows.append(_row(f"{name}, LoRA", "static + LoRA", ratio, plan.achieved_ratio, evals,
-                         f"{calib}; LoRA {cfg.lora_steps} steps, {tokens:,} tokens",
-                         {"prune": prune_s, "train": train_s, "eval": time.perf_counter() - tick}, row_dir / "lora", split))
-    return rows
+    return [_row(name, method_label(name), "static", ratio, plan.achieved_ratio, evals, calib,
+                 {"prune": prune_s, "eval": time.perf_counter() - tick}, row_dir, cfg, extra=removed)]
 
 
 def _dynamic_row(name: str, ratio: float, inputs: Inputs, cfg: CompareConfig, row_dir: Path) -> list[dict[str, Any]]:
     model = inputs.fresh_model()
-    tune_cfg = TuneConfig.from_dict({**cfg.tune.to_dict(), "target": ratio})
+    tune_cfg = TuneConfig.from_dict({**cfg.tune.to_dict(), "target": ratio, **dict(DYNAMIC[name].tune_overrides)})
     if (row_dir / RESULTS_NAME).is_file():  # routers already trained here (an earlier, interrupted comparison)
         load_routers(model, row_dir)
         trained = json.loads((row_dir / RESULTS_NAME).read_text())
@@ -145,48 +189,144 @@ def _dynamic_row(name: str, ratio: float, inputs: Inputs, cfg: CompareConfig, ro
         trained = tune_routers(model, inputs.train_ids, tune_cfg, row_dir, router_config=dynamic_router_config(name, ratio),
                                calib_ids=inputs.calib_ids, resume=True, meta={"method": name})
     recipe = trained["tune"]
-    tokens = recipe["steps"] * recipe["batch_size"] * recipe.get("grad_accum", 1) * recipe["seq_len"]
+    tokens = _tokens(recipe["steps"], recipe["batch_size"], recipe["seq_len"], recipe.get("grad_accum", 1))
     tick = time.perf_counter()
     evals = _evaluate(model, inputs, cfg, name)
-    achieved = next(r for name, r in evals.items() if name != "zeroshot")["sparsity"]["param_ratio"]
     budget = f"{recipe['steps']} steps, {tokens:,} training tokens, loss {recipe['loss']}"
-    return [_row(name, "dynamic", ratio, achieved, evals, budget,
+    return [_row(name, method_label(name), "dynamic", ratio, _routed_ratio(evals), evals, budget,
                  {"train": float(trained.get("wall_s") or 0.0), "eval": time.perf_counter() - tick},
-                 row_dir, {"calibration": trained.get("calibration")})]
+                 row_dir, cfg, tokens, {"calibration": trained.get("calibration")})]
 
 
-def run_compare(inputs: Inputs, cfg: CompareConfig, out: Path) -> list[dict[str, Any]]:
-    """Run (or reuse) every row, then write ``comparison.json`` and ``comparison.md``."""
-    out.mkdir(parents=True, exist_ok=True)
-    jobs: list[tuple[str, float]] = [("dense", 0.0)] if cfg.include_dense else []
-    jobs += [(m, r) for r in cfg.ratios for m in cfg.resolved_methods()]
-    rows: list[dict[str, Any]] = []
-    for method, ratio in jobs:
-        row_dir = out / (method if method == "dense" else f"{method}_{ratio:g}")
+def _routed_ratio(evals: dict[str, Any]) -> float:
+    return next(r for name, r in evals.items() if name != "zeroshot")["sparsity"]["param_ratio"]
+
+
+def _router_set_row(label: str, spec: str, inputs: Inputs, cfg: CompareConfig, row_dir: Path) -> list[dict[str, Any]]:
+    """A router set trained elsewhere (the shipped ones): scored by the same protocol; its budget
+    is what its own config records."""
+    recipe = read_router_config(spec).get("training") or {}
+    model = inputs.fresh_model()
+    load_routers(model, spec)
+    tick = time.perf_counter()
+    evals = _evaluate(model, inputs, cfg, label)
+    tokens = _tokens(recipe["steps"], recipe["batch_size"], recipe["seq_len"], recipe.get("grad_accum", 1)) if recipe else 0
+    budget = f"{recipe['steps']} steps, {tokens:,} training tokens, loss {recipe['loss']}" if recipe else "not recorded"
+    return [_row(ROUTER_SET, label, "dynamic", recipe.get("target", _routed_ratio(evals)), _routed_ratio(evals), evals,
+                 f"router set {spec}: {budget}", {"eval": time.perf_counter() - tick}, row_dir, cfg, tokens, {"routers": spec})]
+
+
+def _lora_row(method: str, label: str, kind: str, ratio: float, model: torch.nn.Module, lora: FinetuneConfig,
+              inputs: Inputs, cfg: CompareConfig, row_dir: Path, before: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Train LoRA on ``model`` (dense, pruned or routed) and score it; ``before`` is the row it
+    starts from, whose training budget and time count in this one."""
+    tick = time.perf_counter()
+    peft_model, result = finetune(model, inputs.train_ids, lora, row_dir, resume=True, calib_ids=inputs.calib_ids, progress=True)
+    train_s = time.perf_counter() - tick
+    peft_model.eval()
+    tick = time.perf_counter()
+    evals = _evaluate(peft_model, inputs, cfg, label)
+    tokens = _tokens(lora.steps, lora.batch_size, lora.seq_len, lora.grad_accum)
+    prior = (before or {}).get("train_tokens", 0)
+    budget = f"{(before or {}).get('budget', '-')}; LoRA {lora.steps} steps, {tokens:,} tokens" if before else \
+        f"{lora.steps} steps, {tokens:,} training tokens (mode {lora.mode})"
+    routed = lora.mode != "dense"
+    achieved = _routed_ratio(evals) if routed else (before or {}).get("achieved_ratio", 0.0)
+    stage1 = {f"stage 1 {k}": v for k, v in (before or {}).get("wall_s", {}).items() if k != "eval"}
+    wall = {**stage1, "LoRA": train_s, "eval": time.perf_counter() - tick}
+    split = {} if routed or not before else {"attn_skipped": before.get("attn_skipped"), "mlp_skipped": before.get("mlp_skipped")}
+    row = _row(method, label, kind, ratio, achieved, evals, budget, wall, row_dir, cfg, prior + tokens,
+               {"calibration": result.get("calibration")} if routed else None)
+    row.update({k: v for k, v in split.items() if v is not None})
+    if not routed and before:
+        row["ratios"] = {name: before["achieved_ratio"] for name in row["ratios"]}
+    return [row]
+
+
+def _stage1_jobs(inputs: Inputs, cfg: CompareConfig) -> list[Job]:
+    jobs = [Job("dense", "dense", 0.0, lambda d: _dense_row(inputs, cfg, d))] if cfg.include_dense else []
+    for label, spec in cfg.router_sets:
+        key = "set_" + re.sub(r"[^A-Za-z0-9._-]+", "_", Path(spec).name or spec)
+        jobs.append(Job(key, ROUTER_SET, 0.0, lambda d, label=label, spec=spec: _router_set_row(label, spec, inputs, cfg, d)))
+    for ratio in cfg.ratios:
+        for m in cfg.resolved_methods():
+            run = _static_row if m in STATIC else _dynamic_row
+            jobs.append(Job(f"{m}_{ratio:g}", m, ratio, lambda d, m=m, ratio=ratio, run=run: run(m, ratio, inputs, cfg, d)))
+    return jobs
+
+
+def _stage2_jobs(inputs: Inputs, cfg: CompareConfig, rows: list[dict[str, Any]]) -> list[Job]:
+    """The LoRA rows, decided from the finished stage-1 rows (which static methods are best)."""
+    first_set = next(iter(inputs.eval_texts), None)
+
+    def dense_lora(d: Path) -> list[dict[str, Any]]:
+        return _lora_row("dense, LoRA", "Dense + LoRA", "dense + LoRA", 0.0, inputs.fresh_model(), _lora_config(cfg, "dense"),
+                         inputs, cfg, d)
+
+    def rt_l(base: dict[str, Any], d: Path) -> list[dict[str, Any]]:
+        model = inputs.fresh_model()
+        load_routers(model, base.get("routers") or base["artifacts"])
+        label = "SkipGPT-RT-L" if base["method"] == RT else f"{base['label']} + LoRA"
+        return _lora_row(f"{base['method']}, LoRA", label, "dynamic + LoRA", base["target_ratio"], model,
+                         _lora_config(cfg, "routed"), inputs, cfg, d, base)
+
+    def joint(ratio: float, d: Path) -> list[dict[str, Any]]:
+        model = inputs.fresh_model()
+        attach_routers(model, dynamic_router_config(RT, ratio))
+        lora = _lora_config(cfg, "joint", cfg.tune.steps * cfg.tune.grad_accum + cfg.lora_steps)
+        lora.joint = TuneConfig.from_dict({**cfg.tune.to_dict(), "target": ratio})
+        return _lora_row("skipgpt-joint", "SkipGPT-Joint", "dynamic + LoRA", ratio, model, lora, inputs, cfg, d)
+
+    def static_lora(base: dict[str, Any], ratio: float, d: Path) -> list[dict[str, Any]]:
+        model = inputs.fresh_model()
+        load_pruned(model, base["artifacts"])
+        return _lora_row(f"{base['method']}, LoRA", f"{base['label']} + LoRA", "static + LoRA", ratio, model,
+                         _lora_config(cfg, "dense"), inputs, cfg, d, base)
+
+    jobs = [Job("dense_lora", "dense, LoRA", 0.0, dense_lora)] if cfg.include_dense else []
+    for base in (r for r in rows if r["method"] == ROUTER_SET):
+        jobs.append(Job(f"{Path(base['artifacts']).name}_lora", f"{base['label']}, LoRA", base["target_ratio"],
+                        lambda d, b=base: rt_l(b, d)))
+    for ratio in cfg.ratios:
+        at = [r for r in rows if r["target_ratio"] == ratio and r["method"] != ROUTER_SET]
+        for base in (r for r in at if r["method"] == RT):
+            jobs.append(Job(f"{RT}_{ratio:g}_lora", f"{RT}, LoRA", ratio, lambda d, b=base: rt_l(b, d)))
+        if RT in cfg.resolved_methods():
+            jobs.append(Job(f"skipgpt-joint_{ratio:g}", "skipgpt-joint", ratio, lambda d, ratio=ratio: joint(ratio, d)))
+        static = sorted((r for r in at if r["kind"] == "static"), key=lambda r: r["ppl"].get(first_set, float("inf")))
+        for base in static[: cfg.lora_static]:
+            jobs.append(Job(f"{base['method']}_{ratio:g}_lora", f"{base['method']}, LoRA", ratio,
+                            lambda d, b=base, ratio=ratio: static_lora(b, ratio, d)))
+    return jobs
+
+
+def _run_jobs(jobs: list[Job], inputs: Inputs, cfg: CompareConfig, out: Path, rows: list[dict[str, Any]]) -> None:
+    for job in jobs:
+        row_dir = out / job.key
         done = row_dir / ROW_NAME
         if done.is_file():
             rows += json.loads(done.read_text())
             print(f"[compare] reusing {done}")
             continue
         if cfg.report_only:
-            print(f"[compare] {method} at ratio {ratio:g}: not run yet, left out of the report")
+            print(f"[compare] {job.method} at ratio {job.ratio:g}: not run yet, left out of the report")
             continue
-        print(f"[compare] {method} at ratio {ratio:g}")
-        if method == "dense":
-            tick = time.perf_counter()
-            made = [_row("dense", "dense", 0.0, 0.0, _evaluate(inputs.fresh_model(), inputs, cfg, "dense"), "-",
-                         {"eval": time.perf_counter() - tick}, row_dir)]
-        elif method in STATIC:
-            if row_dir.exists():  # a static method that stopped half-way: nothing worth keeping
-                shutil.rmtree(row_dir)
-            made = _static_row(method, ratio, inputs, cfg, row_dir)
-        else:
-            made = _dynamic_row(method, ratio, inputs, cfg, row_dir)
+        print(f"[compare] {job.method} at ratio {job.ratio:g}")
+        made = job.make(row_dir)
         row_dir.mkdir(parents=True, exist_ok=True)
         write_json(done, made)
         rows += made
         write_report(rows, inputs, cfg, out)
         pause_point("compare-row")
+
+
+def run_compare(inputs: Inputs, cfg: CompareConfig, out: Path) -> list[dict[str, Any]]:
+    """Run (or reuse) every row, then write ``comparison.{json,md}`` and ``scoreboard.{json,md,png}``."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    _run_jobs(_stage1_jobs(inputs, cfg), inputs, cfg, out, rows)
+    if cfg.lora_steps:
+        _run_jobs(_stage2_jobs(inputs, cfg, rows), inputs, cfg, out, rows)
     write_report(rows, inputs, cfg, out)
     return rows
 
@@ -199,17 +339,26 @@ def write_report(rows: list[dict[str, Any]], inputs: Inputs, cfg: CompareConfig,
                *[f"{t} (%)" for t in tasks], "budget", "wall time"]
     body = []
     for r in rows:
-        split = "" if r["attn_skipped"] is None else f"{pct(r['attn_skipped'])} / {pct(r['mlp_skipped'])}"
+        split = "" if r.get("attn_skipped") is None else f"{pct(r['attn_skipped'])} / {pct(r['mlp_skipped'])}"
         wall = " + ".join(f"{k} {v:.0f} s" for k, v in r["wall_s"].items())
-        body.append([r["method"], pct(r["target_ratio"]), pct(r["achieved_ratio"]), split,
+        body.append([r.get("label") or r["method"], pct(r["target_ratio"]), pct(r["achieved_ratio"]), split,
                      *[r["ppl"].get(n) for n in names],
                      *[None if t not in r.get("zeroshot", {}) else round(100 * r["zeroshot"][t], 1) for t in tasks],
                      r["budget"], wall])
-    text = (f"# Comparison on {inputs.model_name}\n\nCalibration and training text: {inputs.data_note}. "
-            f"Token perplexity, seq-len {cfg.seq_len}, {windows} of each set, BOS by the tokenizer's convention (none for SmolLM2). Ratio = share of decoder-layer parameters removed (static) or skipped per token (dynamic, "
-            f"measured on the first evaluation set).\n\n" + table(headers, body) + "\n")
+    protocol = (f"Token perplexity, seq-len {cfg.seq_len}, {windows} of each set, BOS by the tokenizer's convention. "
+                f"Ratio = share of decoder-layer parameters removed (static) or skipped per token (dynamic, routers' own "
+                f"parameters counted; measured on the first evaluation set).")
+    if cfg.tasks:
+        sample = (f"the first {cfg.task_limit}" if cfg.task_limit else f"a seeded subset (seed {cfg.task_seed}) of {cfg.task_sample}"
+                  if cfg.task_sample else "all")
+        protocol += f" Zero-shot: lm-eval's builtin tasks, {sample} examples per task, the same for every row."
+    text = (f"# Comparison on {inputs.model_name}\n\nCalibration and training text: {inputs.data_note}. {protocol}\n\n"
+            + table(headers, body) + "\n")
     write_text(out / "comparison.md", text)
     write_json(out / "comparison.json", {"model": inputs.model_name, "config": _jsonable(cfg), "rows": rows})
+    if rows:
+        write_scoreboard(build_scoreboard(rows), out / SCOREBOARD_STEM, f"Scoreboard on {inputs.model_name}",
+                         f"Calibration and training text: {inputs.data_note}. {protocol}")
     return text
 
 

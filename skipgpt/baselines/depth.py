@@ -273,8 +273,8 @@ def prune_laco(model: nn.Module, calib_ids: torch.Tensor, ratio: float) -> Prune
     return _finish(model, "laco", ratio, _whole_layers(gone), extra, start, changed)
 
 
-register(StaticMethod("shortgpt", "remove whole layers with the lowest Block Influence", prune_shortgpt))
-register(StaticMethod("joint-layer-drop", "remove attention and MLP modules with the lowest Block Influence", prune_joint_layer_drop, granularity="module"))
-register(StaticMethod("shortened-ppl", "remove the layers whose removal raises calibration PPL least", prune_shortened_ppl))
-register(StaticMethod("shortened-taylor", "remove the layers with the lowest first-order Taylor importance", prune_shortened_taylor))
-register(StaticMethod("laco", "merge later layers into earlier ones while representations stay close", prune_laco))
+register(StaticMethod("shortgpt", "remove whole layers with the lowest Block Influence", prune_shortgpt, label="ShortGPT"))
+register(StaticMethod("joint-layer-drop", "remove attention and MLP modules with the lowest Block Influence", prune_joint_layer_drop, granularity="module", label="Joint Layer Drop"))
+register(StaticMethod("shortened-ppl", "remove the layers whose removal raises calibration PPL least", prune_shortened_ppl, label="Shortened-PPL"))
+register(StaticMethod("shortened-taylor", "remove the layers with the lowest first-order Taylor importance", prune_shortened_taylor, label="Shortened-Taylor"))
+register(StaticMethod("laco", "merge later layers into earlier ones while representations stay close", prune_laco, label="LaCo"))

@@ -25,9 +25,14 @@ def dynamic_router_config(name: str, target: float, base: RouterConfig | None = 
         return dataclasses.replace(base, routing="mod-d", kv_policy="keep", **plain)
     if name == "d-llm":
         return dataclasses.replace(base, routing="d-llm", kv_policy="drop", **plain)
+    if name == "skipgpt-rt-paper":
+        return dataclasses.replace(base, routing="skipgpt", replacement="none", replacement_rank=0)
     return dataclasses.replace(base, routing="skipgpt")
 
 
-register(DynamicMethod("skipgpt-rt", "SkipGPT router tuning (stage 1), the method itself"))
-register(DynamicMethod("mod-d", "top-k tokens per module (Mixture-of-Depths, attention and MLP decoupled)"))
-register(DynamicMethod("d-llm", "one decision per token per layer, per-token budget, KV eviction of skipped layers"))
+register(DynamicMethod("skipgpt-rt", "SkipGPT router tuning (stage 1) with today's default recipe", label="SkipGPT-RT"))
+register(DynamicMethod("skipgpt-rt-paper", "SkipGPT router tuning with the paper's recipe: skipped modules leave nothing, "
+                                           "next-token NLL loss", label="SkipGPT-RT (paper's recipe: skip to nothing, NLL)",
+                       tune_overrides=(("loss", "nll"),)))
+register(DynamicMethod("mod-d", "top-k tokens per module (Mixture-of-Depths, attention and MLP decoupled)", label="MoD-D"))
+register(DynamicMethod("d-llm", "one decision per token per layer, per-token budget, KV eviction of skipped layers", label="D-LLM"))

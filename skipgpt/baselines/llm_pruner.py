@@ -216,4 +216,5 @@ register(StaticMethod(
     prune=prune_llm_pruner,
     restructure=restructure_llm_pruner,
     granularity="width",
+    label="LLM-Pruner",
 ))

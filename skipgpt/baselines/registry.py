@@ -7,7 +7,7 @@ A plain table: each method module registers itself when imported, and the packag
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from torch import nn
@@ -31,6 +31,7 @@ class StaticMethod:
     prune: Callable[[nn.Module, torch.Tensor, float], PrunePlan]
     restructure: Callable[[nn.Module, PrunePlan], None] = _remove_planned
     granularity: Literal["layer", "module", "width"] = "layer"
+    label: str = ""  # as tables name it (the paper's spelling)
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,9 @@ class DynamicMethod:
 
     name: str
     description: str
+    label: str = ""
+    # Tuning options that differ from the TuneConfig every dynamic method gets (e.g. the paper's loss).
+    tune_overrides: tuple[tuple[str, Any], ...] = ()
 
 
 STATIC: dict[str, StaticMethod] = {}
@@ -59,3 +63,8 @@ def get_method(name: str) -> StaticMethod:
 
 def method_names() -> list[str]:
     return [*STATIC, *DYNAMIC]
+
+
+def method_label(name: str) -> str:
+    method = STATIC.get(name) or DYNAMIC.get(name)
+    return (method.label if method is not None else "") or name

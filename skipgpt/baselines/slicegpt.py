@@ -347,4 +347,5 @@ register(StaticMethod(
     prune=prune_slicegpt,
     restructure=restructure_slicegpt,
     granularity="width",
+    label="SliceGPT",
 ))

@@ -34,6 +34,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tasks", help="zero-shot tasks through lm-evaluation-harness, comma-separated or 'all': "
                                    "boolq, piqa, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa (docs/zeroshot.md)")
     p.add_argument("--limit", type=int, default=None, help="zero-shot: the first N examples of each task")
+    p.add_argument("--sample", type=int, default=None,
+                   help="zero-shot: a seeded subset of N examples of each task, the same for every model (instead of --limit)")
+    p.add_argument("--sample-seed", type=int, default=0, help="zero-shot: seed of --sample's subset (default: %(default)s)")
     p.add_argument("--zeroshot-batch-size", type=int, default=8, help="zero-shot: requests per forward (default: %(default)s)")
     p.add_argument("--split", default="test")
     p.add_argument("--seq-len", type=int, default=1024)
@@ -51,6 +54,8 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     tasks = zeroshot_tasks.resolve_tasks(args.tasks) if args.tasks else []
     if tasks:
         zeroshot_tasks.find_task_files(tasks, args.data_dir)
+    if args.limit is not None and args.sample is not None:
+        raise SkipGPTError("--limit takes the first N examples and --sample a seeded subset of N: give one of them")
     if not specs and not tasks:
         raise SkipGPTError("nothing to evaluate: give --data (perplexity) and/or --tasks (zero-shot accuracy)")
     model, tokenizer = routed_model(args)
@@ -61,8 +66,8 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         print(ppl_rows(rows))
     results = {"model": args.model, "routers": args.routers, "adapter": args.adapter, "pruned": args.pruned, "results": {spec: r for spec, (_, r) in zip(specs, rows)}}
     if tasks:
-        zs = zeroshot.evaluate_tasks(model, tokenizer, tasks, limit=args.limit, data_dir=args.data_dir,
-                                     batch_size=args.zeroshot_batch_size)
+        zs = zeroshot.evaluate_tasks(model, tokenizer, tasks, limit=args.limit, sample=args.sample, sample_seed=args.sample_seed,
+                                     data_dir=args.data_dir, batch_size=args.zeroshot_batch_size)
         print(zeroshot.report(zs, label))
         results["results"]["zeroshot"] = zs
     if args.json:

@@ -6,4 +6,5 @@
 * ``analysis.py`` (computations), ``plots.py`` (figures) and ``figures.py`` (both, end to end):
   the paper's routing analyses.
 * ``report.py``: the Markdown tables every command prints.
+* ``scoreboard.py``: the paper-style table and figure of ``skipgpt compare``, with bootstrap intervals.
 """

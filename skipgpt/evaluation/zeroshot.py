@@ -34,6 +34,7 @@ import contextlib
 import logging
 import math
 import os
+import random
 import sys
 import tempfile
 import time
@@ -93,6 +94,32 @@ def _masked_lm_class():
     return _MaskedHFLM
 
 
+def sample_indices(task: str, n_docs: int, size: int, seed: int = 0) -> list[int]:
+    """A fixed, seeded subset of a task's documents, sorted. Seeded by task name and seed through
+    ``random.Random(str)`` (SHA-512 of the string, independent of ``PYTHONHASHSEED``), so every row of a
+    comparison, in any process or sitting, scores the same examples; the first N documents would
+    not do, since several tasks' files are ordered (by source article, by difficulty)."""
+    if size < 1:
+        raise SkipGPTError(f"a zero-shot sample needs at least 1 example per task, got {size}")
+    if size >= n_docs:
+        return list(range(n_docs))
+    return sorted(random.Random(f"skipgpt-zeroshot:{task}:{seed}").sample(range(n_docs), size))
+
+
+def _count_docs(path: Path) -> int:
+    with path.open(encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def _examples(samples: list[dict[str, Any]], metric: str) -> dict[str, list]:
+    """Per example: its document index, whether it was right by the paper's metric, and how many
+    choices it had (the chance level of that example). Kept so that rows scored on the same examples
+    can be compared paired (skipgpt.evaluation.scoreboard)."""
+    samples = sorted(samples, key=lambda x: x["doc_id"])
+    return {"doc_ids": [int(x["doc_id"]) for x in samples], "correct": [float(x[metric]) for x in samples],
+            "n_choices": [len(x["filtered_resps"]) for x in samples]}
+
+
 def _meter_delta(state: Any, skipped: torch.Tensor, tokens: int) -> dict[str, Any]:
     meter = state.new_meter()
     meter.skipped, meter.tokens = skipped.clone(), tokens
@@ -122,6 +149,8 @@ def evaluate_tasks(
     tasks: str | Sequence[str],
     *,
     limit: int | None = None,
+    sample: int | None = None,
+    sample_seed: int = 0,
     data_dir: str | os.PathLike | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     cache_dir: str | os.PathLike | None = None,
@@ -130,13 +159,17 @@ def evaluate_tasks(
 ) -> dict[str, Any]:
     """Zero-shot accuracy of ``model`` on ``tasks`` ("all", "piqa,hellaswag" or a list).
 
-    Returns ``{task: {"metric", "value", "stderr", "n", "limit", "metrics", "data", "sparsity",
-    "wall_s"}, ..., "sparsity": over all tasks (None for a model without routers), "average":
-    mean of the reported values, "skipped": {task: why}}``. ``limit`` takes the first N examples
-    of each task (lm-eval's ``limit``). Routed models run with argmax routing (skipped modules
+    Returns ``{task: {"metric", "value", "stderr", "n", "limit", "sample", "metrics", "data",
+    "sparsity", "examples", "wall_s"}, ..., "sparsity": over all tasks (None for a model without
+    routers), "average": mean of the reported values, "skipped": {task: why}}``. ``limit`` takes
+    the first N examples of each task (lm-eval's ``limit``); ``sample`` a seeded subset of N
+    (:func:`sample_indices`; the whole task where it has fewer), the same for every model.
+    ``examples`` holds each scored example's index, correctness and number of choices. Routed models run with argmax routing (skipped modules
     are not computed); their previous gate mode is restored afterwards. ``loglikelihoods=True``
     adds each task's per-example log-likelihood of every choice (lm-eval's responses, doc order).
     """
+    if limit is not None and sample is not None:
+        raise SkipGPTError("give either limit (the first N examples) or sample (a seeded subset of N), not both")
     present, skipped = find_task_files(tasks, data_dir)
     for message in skipped.values():
         print(f"skipgpt: {message}", file=sys.stderr)
@@ -163,8 +196,11 @@ def evaluate_tasks(
             meter = stack.enter_context(measure_sparsity(model))
         for name in data_files:
             before = (meter.skipped.clone(), meter.tokens) if meter is not None else None
+            n_docs = _count_docs(data_files[name])
+            indices = None if sample is None else sample_indices(name, n_docs, sample, sample_seed)
             start = time.perf_counter()
-            res = simple_evaluate(model=lm, tasks=[name], task_manager=manager, limit=limit, log_samples=loglikelihoods,
+            res = simple_evaluate(model=lm, tasks=[name], task_manager=manager, limit=limit,
+                                  samples=None if indices is None else {name: indices}, log_samples=True,
                                   random_seed=None, numpy_random_seed=None, torch_random_seed=None)
             wall = time.perf_counter() - start
             scores = res["results"][name]
@@ -177,15 +213,20 @@ def evaluate_tasks(
                 "stderr": stderr if isinstance(stderr, float) and math.isfinite(stderr) else None,
                 "n": int(res["n-samples"][name]["effective"]),
                 "limit": limit,
+                "sample": None if sample is None else {"size": len(indices), "seed": sample_seed, "of": n_docs},
                 "metrics": metrics,
                 "data": [str(p) for p in present[name]],
                 "sparsity": None if meter is None else _meter_delta(routing_state(model), meter.skipped - before[0], meter.tokens - before[1]),
+                "examples": _examples(res["samples"][name], metric),
                 "wall_s": round(wall, 2),
                 "bos": bos,  # lm-eval follows the tokenizer's default: BOS before each context where it adds one
             }
             if loglikelihoods:
                 samples = sorted(res["samples"][name], key=lambda x: x["doc_id"])
                 out[name]["loglikelihoods"] = [[float(r[0]) for r in x["filtered_resps"]] for x in samples]
+            if out[name]["n"] != len(out[name]["examples"]["doc_ids"]):
+                raise SkipGPTError(f"lm-eval scored {out[name]['n']} {name} examples but logged "
+                                   f"{len(out[name]['examples']['doc_ids'])}; this lm-eval version is not supported (install lm-eval==0.4.13)")
         out["sparsity"] = meter.summary() if meter is not None else None
     values = [out[name]["value"] for name in data_files]
     out["average"] = sum(values) / len(values)
