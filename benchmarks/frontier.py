@@ -189,7 +189,8 @@ def time_points(model: torch.nn.Module, points: list[Point], args: argparse.Name
         targs = argparse.Namespace(**{**vars(args), "new_tokens": new_tokens, "shape": None})
         rows = speed.bench_cell(model, configs, speed.prompt_ids(model, targs, 1, length), targs, progress)
         for p, row in zip(points, rows):
-            keys = ("speedup", "speedup_min", "speedup_max", "speedup_q1", "speedup_q3", "speedup_ratios", "ideal", "tokens_per_s")
+            keys = ("speedup", "speedup_min", "speedup_max", "speedup_q1", "speedup_q3", "speedup_best", "speedup_ratios", "ideal",
+                    "tokens_per_s")
             p.speed[panel] = {"prompt": length, "new_tokens": new_tokens, "pairs": row["pairs"],
                               **{k: row[f"{panel}_{k}"] for k in keys}}
             if p.kind == "static" and get_method(p.method).granularity != "layer":  # the config keeps the base shapes

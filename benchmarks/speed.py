@@ -322,6 +322,11 @@ def bench_cell(model: torch.nn.Module, configs: list[Config], ids: torch.Tensor,
         for phase, stats, flops, base in (("prefill", pre, cfg.prefill_flops, dense.prefill_flops), ("decode", dec, cfg.decode_flops, dense.decode_flops)):
             # Against the dense model's FLOPs: a pruned model of its own counts its own, smaller, dense.
             ideal = base.dense / flops.executed if flops.executed and stats["median"] is not None else None
+            # Best time against best time: interference on a shared machine only ever adds time, so
+            # the minima estimate what the code itself costs; the median pair ratio what a run gets.
+            mine = [p[f"{phase}_s"] for p in cfg.pairs if p[f"{phase}_s"] > 0]
+            theirs = [p[f"dense_{phase}_s"] for p in cfg.pairs if p[f"{phase}_s"] > 0]
+            stats = {**stats, "best": min(theirs) / min(mine) if mine and stats["median"] is not None else None}
             row.update({f"{phase}_speedup": stats["median"], f"{phase}_ideal": ideal,
                         f"{phase}_efficiency": stats["median"] / ideal if ideal else None,
                         **{f"{phase}_speedup_{k}": v for k, v in stats.items() if k != "median"}})
@@ -340,12 +345,12 @@ def _span(r: dict[str, Any], phase: str, low: str, high: str) -> str:
 
 def markdown_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[tuple]]:
     headers = ["batch", "prompt", "config", "routing", "param ratio", "skipped compute", "prefill tok/s", "prefill × dense", "range",
-               "IQR", "ideal", "eff.", "decode tok/s", "decode × dense", "range", "IQR", "ideal", "eff.", "KV MiB"]
+               "IQR", "best/best", "ideal", "eff.", "decode tok/s", "decode × dense", "range", "IQR", "best/best", "ideal", "eff.", "KV MiB"]
     lines = [(r["batch"], r["prompt"], r["config"], r["routing"], _f(r["param_ratio"], ".1%"), _f(r["skipped_compute_prefill"], ".1%"),
               _f(r["prefill_tokens_per_s"], ".0f"), _f(r["prefill_speedup"]), _span(r, "prefill", "min", "max"), _span(r, "prefill", "q1", "q3"),
-              _f(r["prefill_ideal"]), _f(r["prefill_efficiency"]), _f(r["decode_tokens_per_s"], ".1f"), _f(r["decode_speedup"]),
-              _span(r, "decode", "min", "max"), _span(r, "decode", "q1", "q3"), _f(r["decode_ideal"]), _f(r["decode_efficiency"]),
-              _f(r["kv_mib"], ".1f")) for r in rows]
+              _f(r.get("prefill_speedup_best")), _f(r["prefill_ideal"]), _f(r["prefill_efficiency"]), _f(r["decode_tokens_per_s"], ".1f"),
+              _f(r["decode_speedup"]), _span(r, "decode", "min", "max"), _span(r, "decode", "q1", "q3"), _f(r.get("decode_speedup_best")),
+              _f(r["decode_ideal"]), _f(r["decode_efficiency"]), _f(r["kv_mib"], ".1f")) for r in rows]
     return headers, lines
 
 

@@ -32,6 +32,8 @@ def check_row(row: dict, pairs: int) -> None:
         assert len(ratios) == pairs
         assert row[f"{phase}_speedup_min"] <= row[f"{phase}_speedup_q1"] <= row[f"{phase}_speedup"]
         assert row[f"{phase}_speedup"] <= row[f"{phase}_speedup_q3"] <= row[f"{phase}_speedup_max"]
+        times = [(t[f"dense_{phase}_s"], t[f"{phase}_s"]) for t in row["pair_times"]]
+        assert row[f"{phase}_speedup_best"] == min(d for d, _ in times) / min(r for _, r in times)  # best against best
     assert [p["dense_first"] for p in row["pair_times"]][:2] in ([True, False], [False, True])  # A/B, then B/A
 
 
