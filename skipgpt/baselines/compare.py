@@ -105,7 +105,7 @@ class Job:
     key: str
     method: str
     ratio: float
-    make: Callable[[Path], list[dict[str, Any]]]
+    make: Callable[[Path], dict[str, Any]]
 
 
 def split_training_text(tokenizer: Any, documents: list[str], cfg: CompareConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,36 +130,33 @@ def _row(method: str, label: str, kind: str, target: float, achieved: float | No
     ppl = {name: r for name, r in evals.items() if name != "zeroshot"}
     split = next(iter(ppl.values()), {}).get("sparsity") or {}
     zeroshot = evals.get("zeroshot") or {}
+    tasks = task_names(zeroshot)
     # The ratio each evaluation set got: routing decides per token, so it differs by text; a
     # static model removes the same parameters everywhere.
     ratios = {name: (r.get("sparsity") or {}).get("param_ratio", achieved) for name, r in evals.items()}
     return {"method": method, "label": label, "kind": kind, "target_ratio": target, "achieved_ratio": achieved,
             "ratios": ratios, "attn_skipped": split.get("attn_sparsity"), "mlp_skipped": split.get("mlp_sparsity"),
             "ppl": {name: r["ppl"] for name, r in ppl.items()},
-            "zeroshot": {t: zeroshot[t]["value"] for t in task_names(zeroshot)},
-            "zeroshot_examples": {t: zeroshot[t]["examples"] for t in task_names(zeroshot)},
+            "zeroshot": {t: zeroshot[t]["value"] for t in tasks},
+            "zeroshot_examples": {t: zeroshot[t]["examples"] for t in tasks},  # kept once, here, not again under "eval"
             "eval": {**evals, **({"zeroshot": {**zeroshot, **{t: {k: v for k, v in zeroshot[t].items() if k != "examples"}
-                                                            for t in task_names(zeroshot)}}} if zeroshot else {})},
+                                                            for t in tasks}}} if zeroshot else {})},
             "budget": budget, "train_tokens": train_tokens,
             "wall_s": {k: round(v, 1) for k, v in wall.items()}, "artifacts": str(artifacts),
             "command": cfg.command, "commit": code_revision(), **(extra or {})}
 
 
-def _lora_config(cfg: CompareConfig, mode: str, steps: int | None = None) -> FinetuneConfig:
-    return FinetuneConfig(mode=mode, steps=steps or cfg.lora_steps, seq_len=cfg.tune.seq_len, batch_size=cfg.tune.batch_size)
+def _lora_config(cfg: CompareConfig, mode: str, steps: int | None = None, **extra: Any) -> FinetuneConfig:
+    return FinetuneConfig(mode=mode, steps=steps or cfg.lora_steps, seq_len=cfg.tune.seq_len, batch_size=cfg.tune.batch_size, **extra)
 
 
-def _tokens(steps: int, batch_size: int, seq_len: int, grad_accum: int = 1) -> int:
-    return steps * batch_size * grad_accum * seq_len
-
-
-def _dense_row(inputs: Inputs, cfg: CompareConfig, row_dir: Path) -> list[dict[str, Any]]:
+def _dense_row(inputs: Inputs, cfg: CompareConfig, row_dir: Path) -> dict[str, Any]:
     tick = time.perf_counter()
     evals = _evaluate(inputs.fresh_model(), inputs, cfg, "dense")
-    return [_row("dense", "Dense", "dense", 0.0, 0.0, evals, "-", {"eval": time.perf_counter() - tick}, row_dir, cfg)]
+    return _row("dense", "Dense", "dense", 0.0, 0.0, evals, "-", {"eval": time.perf_counter() - tick}, row_dir, cfg)
 
 
-def _static_row(name: str, ratio: float, inputs: Inputs, cfg: CompareConfig, row_dir: Path) -> list[dict[str, Any]]:
+def _static_row(name: str, ratio: float, inputs: Inputs, cfg: CompareConfig, row_dir: Path) -> dict[str, Any]:
     if row_dir.exists():  # a static method that stopped half-way: nothing worth keeping
         shutil.rmtree(row_dir)
     model = inputs.fresh_model()
@@ -175,11 +172,11 @@ def _static_row(name: str, ratio: float, inputs: Inputs, cfg: CompareConfig, row
                "plan_extra": {k: v for k, v in plan.extra.items() if k != "trials"}}
     tick = time.perf_counter()
     evals = _evaluate(model, inputs, cfg, name)
-    return [_row(name, method_label(name), "static", ratio, plan.achieved_ratio, evals, calib,
-                 {"prune": prune_s, "eval": time.perf_counter() - tick}, row_dir, cfg, extra=removed)]
+    return _row(name, method_label(name), "static", ratio, plan.achieved_ratio, evals, calib,
+                {"prune": prune_s, "eval": time.perf_counter() - tick}, row_dir, cfg, extra=removed)
 
 
-def _dynamic_row(name: str, ratio: float, inputs: Inputs, cfg: CompareConfig, row_dir: Path) -> list[dict[str, Any]]:
+def _dynamic_row(name: str, ratio: float, inputs: Inputs, cfg: CompareConfig, row_dir: Path) -> dict[str, Any]:
     model = inputs.fresh_model()
     tune_cfg = TuneConfig.from_dict({**cfg.tune.to_dict(), "target": ratio, **dict(DYNAMIC[name].tune_overrides)})
     if (row_dir / RESULTS_NAME).is_file():  # routers already trained here (an earlier, interrupted comparison)
@@ -188,36 +185,36 @@ def _dynamic_row(name: str, ratio: float, inputs: Inputs, cfg: CompareConfig, ro
     else:
         trained = tune_routers(model, inputs.train_ids, tune_cfg, row_dir, router_config=dynamic_router_config(name, ratio),
                                calib_ids=inputs.calib_ids, resume=True, meta={"method": name})
-    recipe = trained["tune"]
-    tokens = _tokens(recipe["steps"], recipe["batch_size"], recipe["seq_len"], recipe.get("grad_accum", 1))
+    recipe, tokens = trained["tune"], trained["tokens_trained"]
     tick = time.perf_counter()
     evals = _evaluate(model, inputs, cfg, name)
     budget = f"{recipe['steps']} steps, {tokens:,} training tokens, loss {recipe['loss']}"
-    return [_row(name, method_label(name), "dynamic", ratio, _routed_ratio(evals), evals, budget,
-                 {"train": float(trained.get("wall_s") or 0.0), "eval": time.perf_counter() - tick},
-                 row_dir, cfg, tokens, {"calibration": trained.get("calibration")})]
+    return _row(name, method_label(name), "dynamic", ratio, _routed_ratio(evals), evals, budget,
+                {"train": float(trained.get("wall_s") or 0.0), "eval": time.perf_counter() - tick},
+                row_dir, cfg, tokens, {"calibration": trained.get("calibration")})
 
 
 def _routed_ratio(evals: dict[str, Any]) -> float:
     return next(r for name, r in evals.items() if name != "zeroshot")["sparsity"]["param_ratio"]
 
 
-def _router_set_row(label: str, spec: str, inputs: Inputs, cfg: CompareConfig, row_dir: Path) -> list[dict[str, Any]]:
+def _router_set_row(label: str, spec: str, inputs: Inputs, cfg: CompareConfig, row_dir: Path) -> dict[str, Any]:
     """A router set trained elsewhere (the shipped ones): scored by the same protocol; its budget
-    is what its own config records."""
+    is what its own config records (a router set ships no training results, so tokens are
+    counted from the recipe)."""
     recipe = read_router_config(spec).get("training") or {}
     model = inputs.fresh_model()
     load_routers(model, spec)
     tick = time.perf_counter()
     evals = _evaluate(model, inputs, cfg, label)
-    tokens = _tokens(recipe["steps"], recipe["batch_size"], recipe["seq_len"], recipe.get("grad_accum", 1)) if recipe else 0
+    tokens = recipe["steps"] * recipe["batch_size"] * recipe.get("grad_accum", 1) * recipe["seq_len"] if recipe else 0
     budget = f"{recipe['steps']} steps, {tokens:,} training tokens, loss {recipe['loss']}" if recipe else "not recorded"
-    return [_row(ROUTER_SET, label, "dynamic", recipe.get("target", _routed_ratio(evals)), _routed_ratio(evals), evals,
-                 f"router set {spec}: {budget}", {"eval": time.perf_counter() - tick}, row_dir, cfg, tokens, {"routers": spec})]
+    return _row(ROUTER_SET, label, "dynamic", recipe.get("target", _routed_ratio(evals)), _routed_ratio(evals), evals,
+                f"router set {spec}: {budget}", {"eval": time.perf_counter() - tick}, row_dir, cfg, tokens, {"routers": spec})
 
 
 def _lora_row(method: str, label: str, kind: str, ratio: float, model: torch.nn.Module, lora: FinetuneConfig,
-              inputs: Inputs, cfg: CompareConfig, row_dir: Path, before: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+              inputs: Inputs, cfg: CompareConfig, row_dir: Path, before: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train LoRA on ``model`` (dense, pruned or routed) and score it; ``before`` is the row it
     starts from, whose training budget and time count in this one."""
     tick = time.perf_counter()
@@ -226,21 +223,19 @@ def _lora_row(method: str, label: str, kind: str, ratio: float, model: torch.nn.
     peft_model.eval()
     tick = time.perf_counter()
     evals = _evaluate(peft_model, inputs, cfg, label)
-    tokens = _tokens(lora.steps, lora.batch_size, lora.seq_len, lora.grad_accum)
-    prior = (before or {}).get("train_tokens", 0)
-    budget = f"{(before or {}).get('budget', '-')}; LoRA {lora.steps} steps, {tokens:,} tokens" if before else \
-        f"{lora.steps} steps, {tokens:,} training tokens (mode {lora.mode})"
+    tokens = result["tokens_trained"]
     routed = lora.mode != "dense"
-    achieved = _routed_ratio(evals) if routed else (before or {}).get("achieved_ratio", 0.0)
-    stage1 = {f"stage 1 {k}": v for k, v in (before or {}).get("wall_s", {}).items() if k != "eval"}
-    wall = {**stage1, "LoRA": train_s, "eval": time.perf_counter() - tick}
-    split = {} if routed or not before else {"attn_skipped": before.get("attn_skipped"), "mlp_skipped": before.get("mlp_skipped")}
-    row = _row(method, label, kind, ratio, achieved, evals, budget, wall, row_dir, cfg, prior + tokens,
+    prior = before or {}
+    budget = f"{prior['budget']}; LoRA {lora.steps} steps, {tokens:,} tokens" if before else \
+        f"{lora.steps} steps, {tokens:,} training tokens (mode {lora.mode})"
+    stage1 = {f"stage 1 {k}": v for k, v in prior.get("wall_s", {}).items() if k != "eval"}
+    row = _row(method, label, kind, ratio, _routed_ratio(evals) if routed else prior.get("achieved_ratio", 0.0), evals, budget,
+               {**stage1, "LoRA": train_s, "eval": time.perf_counter() - tick}, row_dir, cfg, prior.get("train_tokens", 0) + tokens,
                {"calibration": result.get("calibration")} if routed else None)
-    row.update({k: v for k, v in split.items() if v is not None})
-    if not routed and before:
-        row["ratios"] = {name: before["achieved_ratio"] for name in row["ratios"]}
-    return [row]
+    if before and not routed:  # a pruned model: the parameters its plan removed, on every set
+        row.update(ratios={name: before["achieved_ratio"] for name in row["ratios"]},
+                   attn_skipped=before["attn_skipped"], mlp_skipped=before["mlp_skipped"])
+    return row
 
 
 def _stage1_jobs(inputs: Inputs, cfg: CompareConfig) -> list[Job]:
@@ -259,28 +254,28 @@ def _stage2_jobs(inputs: Inputs, cfg: CompareConfig, rows: list[dict[str, Any]])
     """The LoRA rows, decided from the finished stage-1 rows (which static methods are best)."""
     first_set = next(iter(inputs.eval_texts), None)
 
-    def dense_lora(d: Path) -> list[dict[str, Any]]:
+    def dense_lora(d: Path) -> dict[str, Any]:
         return _lora_row("dense, LoRA", "Dense + LoRA", "dense + LoRA", 0.0, inputs.fresh_model(), _lora_config(cfg, "dense"),
                          inputs, cfg, d)
 
-    def rt_l(base: dict[str, Any], d: Path) -> list[dict[str, Any]]:
+    def rt_l(base: dict[str, Any], d: Path) -> dict[str, Any]:
         model = inputs.fresh_model()
         load_routers(model, base.get("routers") or base["artifacts"])
         label = "SkipGPT-RT-L" if base["method"] == RT else f"{base['label']} + LoRA"
         return _lora_row(f"{base['method']}, LoRA", label, "dynamic + LoRA", base["target_ratio"], model,
                          _lora_config(cfg, "routed"), inputs, cfg, d, base)
 
-    def joint(ratio: float, d: Path) -> list[dict[str, Any]]:
+    def joint(ratio: float, d: Path) -> dict[str, Any]:
         model = inputs.fresh_model()
         attach_routers(model, dynamic_router_config(RT, ratio))
-        lora = _lora_config(cfg, "joint", cfg.tune.steps * cfg.tune.grad_accum + cfg.lora_steps)
-        lora.joint = TuneConfig.from_dict({**cfg.tune.to_dict(), "target": ratio})
+        lora = _lora_config(cfg, "joint", cfg.tune.steps * cfg.tune.grad_accum + cfg.lora_steps,
+                            joint=TuneConfig.from_dict({**cfg.tune.to_dict(), "target": ratio}))
         return _lora_row("skipgpt-joint", "SkipGPT-Joint", "dynamic + LoRA", ratio, model, lora, inputs, cfg, d)
 
-    def static_lora(base: dict[str, Any], ratio: float, d: Path) -> list[dict[str, Any]]:
+    def static_lora(base: dict[str, Any], d: Path) -> dict[str, Any]:
         model = inputs.fresh_model()
         load_pruned(model, base["artifacts"])
-        return _lora_row(f"{base['method']}, LoRA", f"{base['label']} + LoRA", "static + LoRA", ratio, model,
+        return _lora_row(f"{base['method']}, LoRA", f"{base['label']} + LoRA", "static + LoRA", base["target_ratio"], model,
                          _lora_config(cfg, "dense"), inputs, cfg, d, base)
 
     jobs = [Job("dense_lora", "dense, LoRA", 0.0, dense_lora)] if cfg.include_dense else []
@@ -296,7 +291,7 @@ def _stage2_jobs(inputs: Inputs, cfg: CompareConfig, rows: list[dict[str, Any]])
         static = sorted((r for r in at if r["kind"] == "static"), key=lambda r: r["ppl"].get(first_set, float("inf")))
         for base in static[: cfg.lora_static]:
             jobs.append(Job(f"{base['method']}_{ratio:g}_lora", f"{base['method']}, LoRA", ratio,
-                            lambda d, b=base, ratio=ratio: static_lora(b, ratio, d)))
+                            lambda d, b=base: static_lora(b, d)))
     return jobs
 
 
@@ -314,8 +309,8 @@ def _run_jobs(jobs: list[Job], inputs: Inputs, cfg: CompareConfig, out: Path, ro
         print(f"[compare] {job.method} at ratio {job.ratio:g}")
         made = job.make(row_dir)
         row_dir.mkdir(parents=True, exist_ok=True)
-        write_json(done, made)
-        rows += made
+        write_json(done, [made])  # a list: rows of earlier versions held two rows
+        rows.append(made)
         write_report(rows, inputs, cfg, out)
         pause_point("compare-row")
 

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import SkipGPTError
-from ..files import atomic_write, write_json, write_text
+from ..files import atomic_write, write_result
 from .report import pct, table
 
 PAPER_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
@@ -317,8 +317,7 @@ def scoreboard_figure(board: dict[str, Any], path: Path | str, title: str) -> No
 def write_scoreboard(board: dict[str, Any], stem: Path | str, title: str, notes: str = "") -> dict[str, Path]:
     """``STEM.json``, ``STEM.md`` and ``STEM.png`` side by side (a stem may hold dots: no suffix logic)."""
     stem = Path(stem)
+    write_result(stem, board, scoreboard_markdown(board, title, notes))
     paths = {kind: stem.with_name(f"{stem.name}.{kind}") for kind in ("json", "md", "png")}
-    write_json(paths["json"], board)
-    write_text(paths["md"], scoreboard_markdown(board, title, notes))
     scoreboard_figure(board, paths["png"], title)
     return paths

@@ -112,10 +112,9 @@ def _count_docs(path: Path) -> int:
 
 
 def _examples(samples: list[dict[str, Any]], metric: str) -> dict[str, list]:
-    """Per example: its document index, whether it was right by the paper's metric, and how many
-    choices it had (the chance level of that example). Kept so that rows scored on the same examples
-    can be compared paired (skipgpt.evaluation.scoreboard)."""
-    samples = sorted(samples, key=lambda x: x["doc_id"])
+    """Per example (``samples`` in document order): its document index, whether it was right by the
+    paper's metric, and how many choices it had (the chance level of that example). Kept so that
+    rows scored on the same examples can be compared paired (skipgpt.evaluation.scoreboard)."""
     return {"doc_ids": [int(x["doc_id"]) for x in samples], "correct": [float(x[metric]) for x in samples],
             "n_choices": [len(x["filtered_resps"]) for x in samples]}
 
@@ -203,6 +202,7 @@ def evaluate_tasks(
                                   samples=None if indices is None else {name: indices}, log_samples=True,
                                   random_seed=None, numpy_random_seed=None, torch_random_seed=None)
             wall = time.perf_counter() - start
+            samples = sorted(res["samples"][name], key=lambda x: x["doc_id"])
             scores = res["results"][name]
             metric = PAPER_METRICS[name]
             metrics = {k.split(",")[0]: v for k, v in scores.items() if "," in k and isinstance(v, (int, float))}
@@ -217,12 +217,11 @@ def evaluate_tasks(
                 "metrics": metrics,
                 "data": [str(p) for p in present[name]],
                 "sparsity": None if meter is None else _meter_delta(routing_state(model), meter.skipped - before[0], meter.tokens - before[1]),
-                "examples": _examples(res["samples"][name], metric),
+                "examples": _examples(samples, metric),
                 "wall_s": round(wall, 2),
                 "bos": bos,  # lm-eval follows the tokenizer's default: BOS before each context where it adds one
             }
             if loglikelihoods:
-                samples = sorted(res["samples"][name], key=lambda x: x["doc_id"])
                 out[name]["loglikelihoods"] = [[float(r[0]) for r in x["filtered_resps"]] for x in samples]
             if out[name]["n"] != len(out[name]["examples"]["doc_ids"]):
                 raise SkipGPTError(f"lm-eval scored {out[name]['n']} {name} examples but logged "
