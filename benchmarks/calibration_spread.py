@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import time
 
 import torch
@@ -24,6 +23,7 @@ from skipgpt.data import bos_token, cut_windows, load_source, tokenize, training
 from skipgpt.evaluation.report import table
 from skipgpt.evaluation.zeroshot import evaluate_tasks
 from skipgpt.files import write_result
+from skipgpt.identity import code_revision
 from skipgpt.models import load_model
 from skipgpt.routing.save_load import load_routers
 from skipgpt.routing.surgery import routing_state
@@ -40,7 +40,7 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=100, help="zero-shot examples per task")
     p.add_argument("--out", default="docs/results/calibration_spread_smollm2_rt25")
     args = p.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = code_revision()
     model, tokenizer = load_model(args.model)
     load_routers(model, args.routers)
     state = routing_state(model)

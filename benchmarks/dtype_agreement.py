@@ -28,6 +28,7 @@ from skipgpt.data import bos_token, load_source, tokenize
 from skipgpt.evaluation.perplexity import windows_of
 from skipgpt.evaluation.report import table
 from skipgpt.files import write_json
+from skipgpt.identity import code_revision
 from skipgpt.models import load_model
 from skipgpt.routing.save_load import load_routers
 from skipgpt.routing.surgery import gate_mode, routing_state
@@ -81,7 +82,7 @@ def main() -> None:
             pairs_per_kind += full[0::2].numel()
             scored += window.shape[1] - 1
     total_pairs = 2 * pairs_per_kind
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = code_revision()
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "skipgpt"], capture_output=True, text=True).stdout.strip())
     ppl = {name: math.exp(v / scored) for name, v in nll.items()}
     result = {

@@ -48,6 +48,7 @@ from skipgpt.data import load_source, tokenize, training_sequences  # noqa: E402
 from skipgpt.evaluation.perplexity import perplexity  # noqa: E402
 from skipgpt.evaluation.report import table  # noqa: E402
 from skipgpt.files import write_json, write_text  # noqa: E402
+from skipgpt.identity import code_revision  # noqa: E402
 from skipgpt.models import load_model  # noqa: E402
 from skipgpt.routing.save_load import read_router_config  # noqa: E402
 from skipgpt.routing.surgery import detach_routers, has_routers  # noqa: E402
@@ -336,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    commit = speed.git_commit()
+    commit = code_revision()
     cache = Cache(Path(args.work) / "cache.json")
     model, tokenizer = load_model(args.model, dtype=speed.DTYPES[args.dtype], device=args.device)
     points = [Point("dense", "dense", "dense", 0.0, "HF model, no routers")]

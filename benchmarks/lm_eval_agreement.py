@@ -28,6 +28,7 @@ from skipgpt.evaluation.report import table
 from skipgpt.evaluation.zeroshot import evaluate_tasks
 from skipgpt.evaluation.zeroshot_tasks import PAPER_METRICS, cache_root, find_task_files, prepare_task_data, task_config
 from skipgpt.files import write_result
+from skipgpt.identity import code_revision
 from skipgpt.inference.export import export_model
 from skipgpt.models import load_model
 from skipgpt.routing.save_load import load_routers
@@ -66,7 +67,7 @@ def main() -> None:
     p.add_argument("--out", default="docs/results/lm_eval_agreement_smollm2_rt25")
     args = p.parse_args()
     metric = PAPER_METRICS[args.task]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = code_revision()
 
     with tempfile.TemporaryDirectory(prefix="lm-eval-agreement-") as tmp:
         work = Path(tmp)

@@ -63,10 +63,6 @@ DEFAULT_ROUTERS = "smollm2-135m-rt25,smollm2-135m-rt40"
 _TEXT_IDS: dict[tuple, torch.Tensor] = {}
 
 
-def git_commit() -> str:
-    return code_revision()
-
-
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
     dtype = DTYPES[args.dtype]
     if args.shape:
@@ -412,13 +408,13 @@ def main(argv: list[str] | None = None) -> None:
         rows += bench_cell(model, configs, prompt_ids(model, args, batch, length), args, progress)
     bar.close()
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} torch threads)"
-    title = (f"{args.shape or args.model}, {args.dtype}, {device}, commit {git_commit()}: speedup = dense time / routed time, "
+    title = (f"{args.shape or args.model}, {args.dtype}, {device}, commit {code_revision()}: speedup = dense time / routed time, "
              f"median of {args.pairs} interleaved pairs (range min–max, IQR), {args.new_tokens} new tokens")
     notes = ["Rows whose routing reads 'trained with keep, run with drop' use routers trained with KV policy keep, run with drop.",
              "'nothing skipped': routers deciding with threshold -inf, every token executes: the fixed cost of routing.",
              f"Prompts: {args.text_file or (args.text and f'{args.text} ({args.text_split} split)') or 'random token ids'}; load average {load_start[0]:.2f} at the start, "
              f"{os.getloadavg()[0]:.2f} at the end."]
-    meta = {"commit": git_commit(), "device": device, "torch_threads": torch.get_num_threads(), "load_average": [load_start, os.getloadavg()],
+    meta = {"commit": code_revision(), "device": device, "torch_threads": torch.get_num_threads(), "load_average": [load_start, os.getloadavg()],
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "notes": notes}
     headers, lines = markdown_rows(rows)
     write_report(Path(args.out), title, headers, lines, args, rows, meta=meta, notes=notes)

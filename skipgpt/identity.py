@@ -58,9 +58,10 @@ def code_revision(repo: Path = Path(__file__).resolve().parents[1]) -> str:
         if git.is_file():  # a worktree: "gitdir: PATH"
             git = Path(git.read_text().split(":", 1)[1].strip())
         head = (git / "HEAD").read_text().strip()
+        refs = git / (git / "commondir").read_text().strip() if (git / "commondir").is_file() else git  # a worktree's branches
         ref = head.removeprefix("ref: ")
-        if ref == head or (git / ref).is_file():
-            return (head if ref == head else (git / ref).read_text().strip())[:7]
-        return next(line.split()[0][:7] for line in (git / "packed-refs").read_text().splitlines() if line.endswith(" " + ref))
+        if ref == head or (refs / ref).is_file():
+            return (head if ref == head else (refs / ref).read_text().strip())[:7]
+        return next(line.split()[0][:7] for line in (refs / "packed-refs").read_text().splitlines() if line.endswith(" " + ref))
     except (OSError, StopIteration, IndexError):
         return "unknown"

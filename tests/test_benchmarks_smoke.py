@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import argparse
 import copy
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO, random_ids, tiny_model
 
 from skipgpt import attach_routers, has_routers, routing_state, save_routers
 from skipgpt.baselines import remove_modules
+from skipgpt.identity import code_revision
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import frontier  # noqa: E402
@@ -99,7 +102,9 @@ def test_quick_flags_are_defaults_that_given_flags_override() -> None:
     args = frontier.parse_args(["--quick", "--max-windows", "2"])
     assert args.max_windows == 2 and args.pairs == 1 and args.out.startswith("/tmp/")
     assert frontier.parse_args(["--max-windows", "4"]).out == "runs/frontier/frontier_smollm2_quick"  # never over the real results
-    assert isinstance(speed.git_commit(), str)
+    git = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+    if git.returncode == 0:  # a checkout: every result names the commit it was made at
+        assert code_revision() == git.stdout.strip()
 
 
 def point(name: str, kind: str, decode: float, ppl: float) -> frontier.Point:
