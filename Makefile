@@ -14,8 +14,8 @@ DEMO_ARGS ?=
 SCOREBOARD_OUT ?= runs/scoreboard/smollm2
 SCOREBOARD := $(VENV)/bin/skipgpt compare --model smollm2-135m --data c4 --eval wikitext2,ptb --ratio 0.25,0.4 \
 	--methods all --router-set "SkipGPT-RT (shipped 25 %)=smollm2-135m-rt25" \
-	--router-set "SkipGPT-RT (shipped 40 %)=smollm2-135m-rt40" --tasks all --sample 500 --lora-steps 240 \
-	--out $(SCOREBOARD_OUT)
+	--router-set "SkipGPT-RT (shipped 40 %)=smollm2-135m-rt40" --tasks all --sample 500 \
+	--lora-steps 350 --lora-lr 8e-4 --lora-bf16 --lora-train-replacements --out $(SCOREBOARD_OUT)
 PUBLISH_SCOREBOARD := for f in json md png; do cp $(SCOREBOARD_OUT)/scoreboard.$$f docs/results/scoreboard_smollm2.$$f; done
 
 .PHONY: install demo test clean scoreboard scoreboard-report

@@ -187,9 +187,16 @@ def test_compare_stage_two_rows(tmp_path, capsys):
     cmp = tmp_path / "cmp"
     args = ["compare", "--model", str(model_dir), "--ratio", "0.34", "--methods", "joint-layer-drop,shortgpt,skipgpt-rt",
             "--data", str(train), "--eval", str(test), "--seq-len", "32", "--calib-sequences", "2", "--calib-seq-len", "64",
-            "--steps", "2", "--lora-steps", "2", "--lora-static", "1", "--out", str(cmp)]
+            "--steps", "2", "--lora-steps", "2", "--lora-static", "1", "--lora-lr", "4e-4", "--lora-bf16",
+            "--lora-train-replacements", "--out", str(cmp)]
     assert main(args) == 0
     rows = {r["method"]: r for r in json.loads((cmp / "comparison.json").read_text())["rows"]}
+    # One stage-2 recipe for every LoRA row; only RT-L has replacements to train.
+    recipes = {m: json.loads((cmp / d / "results.json").read_text())["finetune"]
+               for m, d in (("dense, LoRA", "dense_lora"), ("skipgpt-rt, LoRA", "skipgpt-rt_0.34_lora"), ("skipgpt-joint", "skipgpt-joint_0.34"))}
+    assert {(r["lr"], r["bf16"]) for r in recipes.values()} == {(4e-4, True)}
+    assert [m for m, r in recipes.items() if r["train_replacements"]] == ["skipgpt-rt, LoRA"]
+    assert "lr 0.0004, bf16, replacements trained" in rows["skipgpt-rt, LoRA"]["budget"]
     static = sorted(("joint-layer-drop", "shortgpt"), key=lambda m: rows[m]["ppl"][str(test)])
     assert set(rows) == {"dense", "joint-layer-drop", "shortgpt", "skipgpt-rt", "dense, LoRA", "skipgpt-rt, LoRA",
                          "skipgpt-joint", f"{static[0]}, LoRA"}
@@ -211,6 +218,10 @@ def test_compare_stage_two_rows(tmp_path, capsys):
     assert [(r["method"], r["kind"]) for r in tuned] == [("router-set", "dynamic"), ("router-set, LoRA", "dynamic + LoRA")]
     assert tuned[0]["ppl"] == rows[[r["method"] for r in rows].index("skipgpt-rt")]["ppl"]  # the same routers, the same protocol
     assert tuned[0]["target_ratio"] == 0.34 and tuned[0]["train_tokens"] == rt["train_tokens"]
+    # --methods "": no method, only the dense rows and the router sets (a sitting that scores those first).
+    assert main([*args, "--methods", "", "--router-set", f"tuned earlier={cmp / 'skipgpt-rt_0.34'}"]) == 0
+    rows = json.loads((cmp / "comparison.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["dense", "router-set", "dense, LoRA", "router-set, LoRA"]
     assert main([*args, "--router-set", "no label"]) == 2
 
 

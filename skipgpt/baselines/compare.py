@@ -67,6 +67,11 @@ class CompareConfig:
     tune: TuneConfig = field(default_factory=TuneConfig)  # the budget every dynamic method gets
     lora_steps: int = 0  # > 0: the stage-2 rows (module docstring), each with this many LoRA steps
     lora_static: int = 3  # static methods per ratio that get a "+ LoRA" row, best first
+    # Stage 2's recipe, the same for every LoRA row (dense, static, RT-L, joint): the paper's lr
+    # 2e-4 by default; the project's stage 2 (docs/small-budget.md) is lr 8e-4 under bf16 autocast.
+    lora_lr: float = FinetuneConfig.lr
+    lora_bf16: bool = False
+    lora_train_replacements: bool = False  # RT-L rows only: the replacements train with LoRA
     tasks: tuple[str, ...] = ()  # zero-shot tasks (lm-eval) scored for every row, beside perplexity
     task_limit: int | None = None  # the first N examples of each task
     task_sample: int | None = None  # or a seeded subset of N, the same for every row
@@ -147,7 +152,11 @@ def _row(method: str, label: str, kind: str, target: float, achieved: float | No
 
 
 def _lora_config(cfg: CompareConfig, mode: str, steps: int | None = None, **extra: Any) -> FinetuneConfig:
-    return FinetuneConfig(mode=mode, steps=steps or cfg.lora_steps, seq_len=cfg.tune.seq_len, batch_size=cfg.tune.batch_size, **extra)
+    """Every LoRA row's recipe: one learning rate and precision for all, so that only what LoRA
+    starts from differs; trained replacements exist on routed (RT-L) rows only."""
+    return FinetuneConfig(mode=mode, steps=steps or cfg.lora_steps, seq_len=cfg.tune.seq_len, batch_size=cfg.tune.batch_size,
+                          lr=cfg.lora_lr, bf16=cfg.lora_bf16, train_replacements=cfg.lora_train_replacements and mode == "routed",
+                          **extra)
 
 
 def _dense_row(inputs: Inputs, cfg: CompareConfig, row_dir: Path) -> dict[str, Any]:
@@ -226,8 +235,9 @@ def _lora_row(method: str, label: str, kind: str, ratio: float, model: torch.nn.
     tokens = result["tokens_trained"]
     routed = lora.mode != "dense"
     prior = before or {}
-    budget = f"{prior['budget']}; LoRA {lora.steps} steps, {tokens:,} tokens" if before else \
-        f"{lora.steps} steps, {tokens:,} training tokens (mode {lora.mode})"
+    recipe = f"lr {lora.lr:g}{', bf16' if lora.bf16 else ''}{', replacements trained' if lora.train_replacements else ''}"
+    budget = f"{prior['budget']}; LoRA {lora.steps} steps, {tokens:,} tokens, {recipe}" if before else \
+        f"{lora.steps} steps, {tokens:,} training tokens (mode {lora.mode}, {recipe})"
     stage1 = {f"stage 1 {k}": v for k, v in prior.get("wall_s", {}).items() if k != "eval"}
     row = _row(method, label, kind, ratio, _routed_ratio(evals) if routed else prior.get("achieved_ratio", 0.0), evals, budget,
                {**stage1, "LoRA": train_s, "eval": time.perf_counter() - tick}, row_dir, cfg, prior.get("train_tokens", 0) + tokens,

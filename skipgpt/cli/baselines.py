@@ -57,6 +57,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lora-static", type=int, default=CompareConfig.lora_static,
                    help="with --lora-steps: how many static methods per ratio get a LoRA row, lowest perplexity on the "
                         "first --eval set first (default: %(default)s)")
+    p.add_argument("--lora-lr", type=float, default=CompareConfig.lora_lr,
+                   help="with --lora-steps: every LoRA row's learning rate (default: the paper's %(default)g)")
+    p.add_argument("--lora-bf16", action="store_true", help="with --lora-steps: every LoRA row under bf16 autocast")
+    p.add_argument("--lora-train-replacements", action="store_true",
+                   help="with --lora-steps: RT-L rows also train the replacements of skipped modules")
     p.add_argument("--router-set", action="append", default=[], metavar="LABEL=ROUTERS",
                    help="a trained router set (builtin name or directory) scored as a row, e.g. "
                         "'SkipGPT-RT (shipped 25 %%)=smollm2-135m-rt25'; repeatable")
@@ -111,7 +116,9 @@ def cmd_compare(args: argparse.Namespace) -> dict[str, Any]:
     cfg = CompareConfig(ratios=ratios, methods=tuple(m for m in args.methods.split(",") if m), eval_specs=tuple(specs),
                         seq_len=args.seq_len, max_windows=args.max_windows, calib_sequences=args.calib_sequences,
                         calib_seq_len=args.calib_seq_len, tune=TuneConfig(steps=args.steps, loss=args.loss),
-                        lora_steps=args.lora_steps, lora_static=args.lora_static, include_dense=not args.no_dense,
+                        lora_steps=args.lora_steps, lora_static=args.lora_static, lora_lr=args.lora_lr,
+                        lora_bf16=args.lora_bf16, lora_train_replacements=args.lora_train_replacements,
+                        include_dense=not args.no_dense,
                         tasks=tuple(t for t in args.tasks.split(",") if t), task_limit=args.limit,
                         task_sample=args.sample, task_seed=args.sample_seed, router_sets=tuple(router_sets),
                         report_only=args.report_only, command=args.command_line)
