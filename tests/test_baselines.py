@@ -208,9 +208,19 @@ def test_compare_stage_two_rows(tmp_path, capsys):
     assert rt["train_tokens"] == 2 * 4 * 256 and rtl["train_tokens"] == 2 * rt["train_tokens"] == joint["train_tokens"]
     assert "stage 1 train" in rtl["wall_s"] and (cmp / "skipgpt-rt_0.34_lora" / "adapter_config.json").is_file()
     assert rows["dense, LoRA"]["kind"] == "dense + LoRA" and rows["dense, LoRA"]["ppl"] != rows["dense"]["ppl"]
-    capsys.readouterr()
+    assert "LoRA (routed)" in capsys.readouterr().err  # training shows its progress bar
     assert main(args) == 0  # every row reused, stage 2 included
     assert capsys.readouterr().out.count("[compare] reusing") == 8
+    # LoRA rows stopped after their fine-tuning: evaluated from what it saved, not trained again.
+    lora_dirs = {"dense, LoRA": "dense_lora", "skipgpt-rt, LoRA": "skipgpt-rt_0.34_lora", "skipgpt-joint": "skipgpt-joint_0.34"}
+    for d in lora_dirs.values():
+        (cmp / d / "row.json").unlink()
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert out.count("finished earlier: evaluating it") == 3 and "LoRA (" not in err  # no training progress bar
+    again = {r["method"]: r for r in json.loads((cmp / "comparison.json").read_text())["rows"]}
+    for m in lora_dirs:
+        assert again[m]["ppl"] == pytest.approx(rows[m]["ppl"], rel=1e-6) and again[m]["achieved_ratio"] == pytest.approx(rows[m]["achieved_ratio"])
     # A router set trained elsewhere is scored as a row, and gets its own LoRA row.
     assert main([*args, "--router-set", f"tuned earlier={cmp / 'skipgpt-rt_0.34'}"]) == 0
     rows = json.loads((cmp / "comparison.json").read_text())["rows"]

@@ -41,7 +41,8 @@ from ..identity import code_revision
 from ..pause import pause_point
 from ..routing.adapters import KINDS
 from ..routing.save_load import load_routers, read_router_config
-from ..routing.surgery import attach_routers
+from ..lora import load_adapter
+from ..routing.surgery import attach_routers, detach_routers, has_routers
 from ..training.finetune import FinetuneConfig, finetune
 from ..training.tune import RESULTS_NAME, tune_routers
 from .dynamic import dynamic_router_config
@@ -227,8 +228,10 @@ def _lora_row(method: str, label: str, kind: str, ratio: float, model: torch.nn.
     """Train LoRA on ``model`` (dense, pruned or routed) and score it; ``before`` is the row it
     starts from, whose training budget and time count in this one."""
     tick = time.perf_counter()
-    peft_model, result = finetune(model, inputs.train_ids, lora, row_dir, resume=True, calib_ids=inputs.calib_ids, progress=True)
-    train_s = time.perf_counter() - tick
+    finished = _finished_finetune(model, lora, row_dir)
+    peft_model, result = finished or finetune(model, inputs.train_ids, lora, row_dir, resume=True, calib_ids=inputs.calib_ids,
+                                              progress=True)
+    train_s = result["this_session_s"] if finished else time.perf_counter() - tick
     peft_model.eval()
     tick = time.perf_counter()
     evals = _evaluate(peft_model, inputs, cfg, label)
@@ -246,6 +249,23 @@ def _lora_row(method: str, label: str, kind: str, ratio: float, model: torch.nn.
         row.update(ratios={name: before["achieved_ratio"] for name in row["ratios"]},
                    attn_skipped=before["attn_skipped"], mlp_skipped=before["mlp_skipped"])
     return row
+
+
+def _finished_finetune(model: torch.nn.Module, lora: FinetuneConfig, row_dir: Path) -> tuple[Any, dict[str, Any]] | None:
+    """A LoRA row whose fine-tuning finished but whose evaluation did not (a sitting that stopped
+    there): its adapter, routers and ``results.json`` are on disk, so the row is evaluated from them
+    instead of trained again. ``results.json`` is written last, and only a run of this very recipe counts."""
+    path = row_dir / RESULTS_NAME
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    if result.get("finetune") != json.loads(json.dumps(lora.to_dict())):
+        return None
+    if has_routers(model):  # the threshold re-set after LoRA, and replacements trained with it, are the saved ones
+        detach_routers(model)
+        load_routers(model, row_dir)
+    print(f"[compare] the fine-tuning in {row_dir} finished earlier: evaluating it, not training again")
+    return load_adapter(model, row_dir), result
 
 
 def _stage1_jobs(inputs: Inputs, cfg: CompareConfig) -> list[Job]:
