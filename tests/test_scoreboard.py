@@ -53,6 +53,16 @@ def test_retained_leaves_out_a_task_where_dense_is_at_chance():
     assert kept["average_plain"] == pytest.approx((0.6 / 0.7 + 0.55 / 0.5) / 2, rel=1e-12)
 
 
+def test_retained_leaves_out_a_task_whose_dense_margin_is_noise():
+    """ARC-Challenge on SmolLM2-135M: 27.4 % against 25 % chance, two points of standard error."""
+    dense, chance = {"arc_challenge": 0.274, "piqa": 0.648}, {"arc_challenge": 0.25, "piqa": 0.5}
+    kept = retained({"arc_challenge": 0.226, "piqa": 0.614}, dense, chance, floor={"arc_challenge": 0.04, "piqa": 0.043})
+    assert kept["above_chance"] == {"piqa": pytest.approx(0.114 / 0.148, rel=1e-9), "arc_challenge": None}
+    assert kept["excluded"] == ["arc_challenge"] and kept["average_above_chance"] == pytest.approx(0.114 / 0.148, rel=1e-9)
+    # without the floor, the 2.4-point margin counts and the row "retains" -100 % of it
+    assert retained({"arc_challenge": 0.226}, dense, chance)["above_chance"]["arc_challenge"] == pytest.approx(-1.0, rel=1e-9)
+
+
 def test_bootstrap_average_interval():
     rng = np.random.default_rng(1)
     data = {"boolq": examples(rng.integers(0, 2, 60).tolist(), 2), "piqa": examples(rng.integers(0, 2, 40).tolist(), 2)}
@@ -159,7 +169,8 @@ def test_build_and_write_scoreboard(tmp_path):
     assert stats["diff_to_dense"] == pytest.approx(stats["average"] - dense["zeroshot_stats"]["average"], abs=1e-12)
     accs = lambda row: {t: s["acc"] for t, s in row["zeroshot_stats"]["tasks"].items()}  # noqa: E731
     chance = {t: s["chance"] for t, s in dense["zeroshot_stats"]["tasks"].items()}
-    assert stats["retained"] == retained(accs(dynamic), accs(dense), chance)
+    floor = {t: 2 * s["stderr"] for t, s in dense["zeroshot_stats"]["tasks"].items()}
+    assert stats["retained"] == retained(accs(dynamic), accs(dense), chance, floor)
 
     paths = write_scoreboard(board, tmp_path / "compare.llama", "Llama: methods at 25 %", notes="A seeded subset of 40 examples.")
     assert paths == {k: tmp_path / f"compare.llama.{k}" for k in ("json", "md", "png")}
@@ -173,7 +184,7 @@ def test_build_and_write_scoreboard(tmp_path):
     for task in board["tasks"]:
         n_chance = pct_text(dense["zeroshot_stats"]["tasks"][task]["chance"])
         assert f"* {task}: n = 40 examples (the same examples for every row), chance {n_chance}" in markdown
-    assert "* Left out of retained above chance (dense at or below chance): arc_challenge" in markdown
+    assert "* Left out of retained above chance (dense not above chance by 2 standard errors of its own accuracy): arc_challenge" in markdown
     assert markdown.count("\n|") == len(board["rows"]) + 2  # one table: header, rule, a line per row
     png = paths["png"].read_bytes()
     assert png.startswith(PNG_SIGNATURE) and len(png) > 1000
