@@ -173,7 +173,9 @@ def test_prune_and_compare_cli_end_to_end(tmp_path, capsys):
     assert capsys.readouterr().out.count("[compare] reusing") == 4
     assert main([*args[:6], "shortgpt,laco", *args[7:], "--report-only"]) == 0  # laco never ran: left out
     assert "laco at ratio 0.34: not run yet" in capsys.readouterr().out
-    assert [r["method"] for r in json.loads((cmp / "comparison.json").read_text())["rows"]] == ["dense", "shortgpt"]
+    report = json.loads((cmp / "comparison.json").read_text())
+    assert [r["method"] for r in report["rows"]] == ["dense", "shortgpt"] and report["pending"] == ["laco_0.34"]
+    assert "Not run yet, 1 row: laco_0.34." in (cmp / "scoreboard.md").read_text()
     assert main(["compare", "--model", str(model_dir), "--methods", "nope", "--data", str(train), "--eval", str(test),
                  "--out", str(tmp_path / "x")]) == 2
 

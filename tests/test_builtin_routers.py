@@ -62,7 +62,7 @@ def test_builtin_sets_load_onto_the_builtin_model_and_skip(name):
 # The shipped sets on the first 4 windows of 1,024 WikiText-2 test tokens (4,092 scored), float32 on
 # a CPU, as docs/small-budget.md lists them ("The shipped sets on a fixed slice"): perplexity, and
 # the parameter ratio skipped. A changed engine, loss, threshold or router file moves them.
-SHIPPED_SLICE = {"smollm2-135m-rt25": (44.759, 0.2652), "smollm2-135m-rt40": (82.677, 0.4047)}
+SHIPPED_SLICE = {"smollm2-135m-rt25": (44.759, 0.2652), "smollm2-135m-rt40": (92.637, 0.4382)}
 
 
 @pytest.mark.slow

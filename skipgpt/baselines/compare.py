@@ -325,7 +325,9 @@ def _stage2_jobs(inputs: Inputs, cfg: CompareConfig, rows: list[dict[str, Any]])
     return jobs
 
 
-def _run_jobs(jobs: list[Job], inputs: Inputs, cfg: CompareConfig, out: Path, rows: list[dict[str, Any]]) -> None:
+def _run_jobs(jobs: list[Job], inputs: Inputs, cfg: CompareConfig, out: Path, rows: list[dict[str, Any]],
+              pending: list[str]) -> None:
+    """Run or reuse each job's row; under ``report_only`` the unfinished ones go to ``pending``."""
     for job in jobs:
         row_dir = out / job.key
         done = row_dir / ROW_NAME
@@ -335,6 +337,7 @@ def _run_jobs(jobs: list[Job], inputs: Inputs, cfg: CompareConfig, out: Path, ro
             continue
         if cfg.report_only:
             print(f"[compare] {job.method} at ratio {job.ratio:g}: not run yet, left out of the report")
+            pending.append(job.key)  # the row's directory under --out: unique, and names its ratio
             continue
         print(f"[compare] {job.method} at ratio {job.ratio:g}")
         made = job.make(row_dir)
@@ -349,14 +352,18 @@ def run_compare(inputs: Inputs, cfg: CompareConfig, out: Path) -> list[dict[str,
     """Run (or reuse) every row, then write ``comparison.{json,md}`` and ``scoreboard.{json,md,png}``."""
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
-    _run_jobs(_stage1_jobs(inputs, cfg), inputs, cfg, out, rows)
+    pending: list[str] = []
+    _run_jobs(_stage1_jobs(inputs, cfg), inputs, cfg, out, rows, pending)
     if cfg.lora_steps:
-        _run_jobs(_stage2_jobs(inputs, cfg, rows), inputs, cfg, out, rows)
-    write_report(rows, inputs, cfg, out)
+        _run_jobs(_stage2_jobs(inputs, cfg, rows), inputs, cfg, out, rows, pending)
+    write_report(rows, inputs, cfg, out, pending)
     return rows
 
 
-def write_report(rows: list[dict[str, Any]], inputs: Inputs, cfg: CompareConfig, out: Path) -> str:
+def write_report(rows: list[dict[str, Any]], inputs: Inputs, cfg: CompareConfig, out: Path,
+                 pending: list[str] | None = None) -> str:
+    """``comparison.{md,json}`` and the scoreboard from the finished rows; ``pending`` names the rows
+    a ``--report-only`` run found unfinished (stage-2 rows wait for their stage-1 rows to be known)."""
     names = list(inputs.eval_texts)
     tasks = sorted({t for r in rows for t in r.get("zeroshot", {})})
     windows = "all windows" if cfg.max_windows is None else f"first {cfg.max_windows} windows"
@@ -377,10 +384,13 @@ def write_report(rows: list[dict[str, Any]], inputs: Inputs, cfg: CompareConfig,
         sample = (f"the first {cfg.task_limit}" if cfg.task_limit else f"a seeded subset (seed {cfg.task_seed}) of {cfg.task_sample}"
                   if cfg.task_sample else "all")
         protocol += f" Zero-shot: lm-eval's builtin tasks, {sample} examples per task, the same for every row."
+    if pending:
+        protocol += f" Not run yet, {len(pending)} row{'s' * (len(pending) > 1)}: {', '.join(pending)}."
     text = (f"# Comparison on {inputs.model_name}\n\nCalibration and training text: {inputs.data_note}. {protocol}\n\n"
             + table(headers, body) + "\n")
     write_text(out / "comparison.md", text)
-    write_json(out / "comparison.json", {"model": inputs.model_name, "config": _jsonable(cfg), "rows": rows})
+    write_json(out / "comparison.json", {"model": inputs.model_name, "config": _jsonable(cfg), "rows": rows,
+                                         "pending": pending or []})
     if rows:
         write_scoreboard(build_scoreboard(rows), out / SCOREBOARD_STEM, f"Scoreboard on {inputs.model_name}",
                          f"Calibration and training text: {inputs.data_note}. {protocol}")
