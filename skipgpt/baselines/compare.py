@@ -38,10 +38,10 @@ from ..evaluation.scoreboard import build_scoreboard, write_scoreboard
 from ..evaluation.zeroshot import evaluate_tasks, task_names
 from ..files import write_json, write_text
 from ..identity import code_revision
+from ..lora import load_adapter
 from ..pause import pause_point
 from ..routing.adapters import KINDS
 from ..routing.save_load import load_routers, read_router_config
-from ..lora import load_adapter
 from ..routing.surgery import attach_routers, detach_routers, has_routers
 from ..training.finetune import FinetuneConfig, finetune
 from ..training.tune import RESULTS_NAME, tune_routers
@@ -259,7 +259,7 @@ def _finished_finetune(model: torch.nn.Module, lora: FinetuneConfig, row_dir: Pa
     if not path.is_file():
         return None
     result = json.loads(path.read_text())
-    if result.get("finetune") != json.loads(json.dumps(lora.to_dict())):
+    if FinetuneConfig.from_dict(result["finetune"]) != lora:
         return None
     if has_routers(model):  # the threshold re-set after LoRA, and replacements trained with it, are the saved ones
         detach_routers(model)
