@@ -9,6 +9,7 @@ sleeps when it reaches POINT, so a test can kill it at exactly that moment. The 
                       rename into place not yet done
 ``calibration``       inside threshold calibration, after its first full pass
 ``compare-row``       in ``skipgpt compare``, after a row is written and before the next one starts
+``compare-eval``      in ``skipgpt compare``, after a row's evaluation set is scored and kept, before the next
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ The kill tests run the CLI in a subprocess on a tiny model and stop it at a paus
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -166,6 +167,51 @@ def test_kill_compare_between_methods_then_rerun_equals_straight_run(workspace, 
     drop = lambda row: {k: v for k, v in without_times(row).items() if k not in ("artifacts", "command")}  # noqa: E731
     assert [drop(r) for r in rows] == [drop(r) for r in expected]
     assert not (out / LOCK_NAME).exists()
+
+
+@pytest.mark.parametrize("stop, scored_again", [("compare-eval@1", 3), ("compare-eval@3", 1)])
+def test_a_row_stopped_during_its_evaluation_resumes_at_the_set_it_was_in(workspace, tmp_path, monkeypatch, stop, scored_again):
+    """Killed after the first of two evaluation sets of the routed row (@1: its routers are trained)
+    or of the pruned row (@3: pruned and saved): the rerun scores only what is missing, prunes
+    nothing again, and its rows equal an uninterrupted run's."""
+    second = workspace / "test2.txt"
+    if not second.exists():
+        write_word_text(second, 1000, seed=2)
+
+    def argv(out: Path) -> list[str]:
+        return ["compare", "--model", str(workspace / "model"), "--data", str(workspace / "train.txt"),
+                "--eval", f"{workspace / 'test.txt'},{second}", *COMPARE, "--out", str(out)]
+
+    out, reference = tmp_path / "cmp", tmp_path / "reference"
+    kill_at(stop, argv(out), tmp_path)
+    assert_no_half_written_files(out)
+    row = out / ("skipgpt-rt_0.34" if stop.endswith("@1") else "shortgpt_0.34")
+    assert [p.name[:13] for p in (row / "partial").glob("ppl_*.json")] == ["ppl_test.txt-"] and not (row / "row.json").exists()
+    import skipgpt.baselines.compare as compare
+    from skipgpt.baselines.registry import STATIC
+
+    scored, pruned = [], []
+    real_perplexity, real_prune = compare.perplexity, STATIC["shortgpt"].prune
+    monkeypatch.setattr(compare, "perplexity", lambda *a, **kw: scored.append(kw["desc"]) or real_perplexity(*a, **kw))
+    monkeypatch.setitem(STATIC, "shortgpt", dataclasses.replace(STATIC["shortgpt"], prune=lambda *a: pruned.append(1) or real_prune(*a)))
+    assert main(argv(out)) == 0
+    assert len(scored) == scored_again and len(pruned) == (1 if stop.endswith("@1") else 0)
+    assert not list(out.glob("*/partial"))  # a finished row holds everything
+    monkeypatch.undo()
+    assert main(argv(reference)) == 0
+    rows, expected = (json.loads((d / "comparison.json").read_text())["rows"] for d in (out, reference))
+    drop = lambda row: {k: v for k, v in without_times(row).items() if k not in ("artifacts", "command")}  # noqa: E731
+    assert [drop(r) for r in rows] == [drop(r) for r in expected]
+
+
+def test_partial_evaluations_of_another_model_are_dropped(tmp_path):
+    from skipgpt.baselines.compare import _partial_dir
+
+    partial = _partial_dir(tmp_path, "results.json:aaa")
+    (partial / "ppl_test.json").write_text("{}")
+    assert _partial_dir(tmp_path, "results.json:aaa") == partial and (partial / "ppl_test.json").exists()
+    assert not (_partial_dir(tmp_path, "results.json:bbb") / "ppl_test.json").exists()  # retrained: scored anew
+    assert (partial / "model.txt").read_text() == "results.json:bbb"
 
 
 # ---- checkpoints never unpickle ---------------------------------------------------------------

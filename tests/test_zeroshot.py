@@ -229,6 +229,33 @@ def test_routed_is_driven_by_the_harness_and_padding_is_not_counted(dense_result
     assert model.skipgpt_state.mode == "argmax" and model.skipgpt_state.meter is None
 
 
+def test_a_stopped_evaluation_resumes_at_the_task_it_was_in(data_dir, cache, tokenizer, tmp_path, monkeypatch):
+    """``resume_dir`` keeps each finished task; a second call scores only the missing one and gives
+    the whole result, the ratio over all tasks included, as one uninterrupted call does."""
+    model = routed_model()
+    resume = tmp_path / "partial"
+    straight = run(model, tokenizer, data_dir, cache, sample=3)
+    first = run(model, tokenizer, data_dir, cache, sample=3, resume_dir=resume)
+    assert sorted(p.name for p in resume.iterdir()) == ["arc_easy.json", "piqa.json"]
+    (resume / "arc_easy.json").unlink()  # a stop during arc_easy: piqa finished
+    import lm_eval
+
+    calls = []
+    real = lm_eval.simple_evaluate
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kw: calls.append(kw["tasks"]) or real(**kw))
+    resumed = run(model, tokenizer, data_dir, cache, sample=3, resume_dir=resume)
+    assert calls == [["arc_easy"]]
+    for result in (first, resumed):
+        for name in ("piqa", "arc_easy"):
+            assert {k: v for k, v in result[name].items() if k != "wall_s"} == \
+                {k: v for k, v in straight[name].items() if k != "wall_s"}
+        assert result["sparsity"] == straight["sparsity"] and result["average"] == straight["average"]  # counts: exact
+    # A file written for other examples is not taken as this call's.
+    calls.clear()
+    other = run(model, tokenizer, data_dir, cache, tasks="piqa", sample=2, resume_dir=resume)
+    assert calls == [["piqa"]] and other["piqa"]["n"] == 2
+
+
 def test_errors(tmp_path, monkeypatch, tokenizer):
     monkeypatch.delenv("SKIPGPT_DATA_DIR", raising=False)
     with pytest.raises(SkipGPTError, match="SKIPGPT_DATA_DIR"):

@@ -10,7 +10,10 @@ first evaluation set) + LoRA.
 
 Each row gets a directory under ``out`` holding what it produced (a prune plan, routers, a LoRA
 adapter) and ``row.json``; a finished row is reused, so an interrupted comparison resumes where it
-stopped and adding a method re-runs only that method. Calibration text (static methods, threshold
+stopped and adding a method re-runs only that method. Within a row, each finished evaluation set
+and zero-shot task is kept under ``partial/`` (with the pruning or training it scores) until
+``row.json`` is written, so a row stopped during its half hour of evaluation resumes at the set
+it was in. Calibration text (static methods, threshold
 calibration) is the held-out tail of ``--data``, the text router tuning never trains on;
 evaluation text is never seen by any method. Every row is scored on the same zero-shot examples
 (a seeded subset, ``task_sample``), so its accuracy can be compared to dense paired
@@ -19,6 +22,7 @@ evaluation text is never seen by any method. Every row is scored on the same zer
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -41,16 +45,20 @@ from ..identity import code_revision
 from ..lora import load_adapter
 from ..pause import pause_point
 from ..routing.adapters import KINDS
-from ..routing.save_load import load_routers, read_router_config
+from ..routing.save_load import CONFIG_NAME as ROUTER_CONFIG_NAME
+from ..routing.save_load import WEIGHTS_NAME as ROUTER_WEIGHTS_NAME
+from ..routing.save_load import load_routers, read_router_config, router_dir
 from ..routing.surgery import attach_routers, detach_routers, has_routers
 from ..training.finetune import FinetuneConfig, finetune
 from ..training.tune import RESULTS_NAME, tune_routers
 from .dynamic import dynamic_router_config
 from .registry import DYNAMIC, STATIC, method_label, method_names
-from .save_load import load_pruned, save_pruned
+from .save_load import PLAN_NAME, load_pruned, save_pruned
 from .structure import module_parameter_counts
 
 ROW_NAME = "row.json"
+PARTIAL_DIR = "partial"  # a row's finished evaluation sets and tasks, until its row.json is written
+PRUNE_TIME_NAME = "prune_time.json"  # written after a static row's plan: the pruning is done and kept
 SCOREBOARD_STEM = "scoreboard"
 RT = "skipgpt-rt"  # the method stage 2 builds SkipGPT-RT-L and SkipGPT-Joint from
 ROUTER_SET = "router-set"  # rows of trained router sets (CompareConfig.router_sets)
@@ -121,13 +129,53 @@ def split_training_text(tokenizer: Any, documents: list[str], cfg: CompareConfig
     return train_ids, calib_ids
 
 
-def _evaluate(model: torch.nn.Module, inputs: Inputs, cfg: CompareConfig, label: str) -> dict[str, Any]:
-    evals: dict[str, Any] = {name: perplexity(model, inputs.tokenizer, text, seq_len=cfg.seq_len, max_windows=cfg.max_windows,
-                                              desc=f"{label} {name}") for name, text in inputs.eval_texts.items()}
+def _evaluate(model: torch.nn.Module, inputs: Inputs, cfg: CompareConfig, label: str, row_dir: Path,
+              made_from: str) -> tuple[dict[str, Any], float]:
+    """Every evaluation set and task, and the seconds they took (those of a part finished before a
+    stop included). ``made_from`` identifies the model (the file its training or pruning wrote
+    last): parts saved for another model are dropped, never scored as this one's."""
+    partial = _partial_dir(row_dir, made_from)
+    evals: dict[str, Any] = {}
+    seconds = 0.0
+    for name, text in inputs.eval_texts.items():
+        path = partial / f"ppl_{_file_stem(name)}.json"
+        setting = {"text_sha1": hashlib.sha1(text.encode()).hexdigest(), "seq_len": cfg.seq_len, "max_windows": cfg.max_windows}
+        saved = json.loads(path.read_text()) if path.is_file() else None
+        if saved is None or saved["setting"] != setting:
+            tick = time.perf_counter()
+            result = perplexity(model, inputs.tokenizer, text, seq_len=cfg.seq_len, max_windows=cfg.max_windows,
+                                desc=f"{label} {name}")
+            saved = {"setting": setting, "result": result, "wall_s": time.perf_counter() - tick}
+            write_json(path, saved)
+            pause_point("compare-eval")
+        evals[name] = saved["result"]
+        seconds += saved["wall_s"]
     if cfg.tasks:
-        evals["zeroshot"] = evaluate_tasks(model, inputs.tokenizer, list(cfg.tasks), limit=cfg.task_limit,
-                                           sample=cfg.task_sample, sample_seed=cfg.task_seed, data_dir=inputs.data_dir)
-    return evals
+        zeroshot = evaluate_tasks(model, inputs.tokenizer, list(cfg.tasks), limit=cfg.task_limit, sample=cfg.task_sample,
+                                  sample_seed=cfg.task_seed, data_dir=inputs.data_dir, resume_dir=partial / "zeroshot")
+        evals["zeroshot"] = zeroshot
+        seconds += sum(zeroshot[t]["wall_s"] for t in task_names(zeroshot))  # each task's own time, finished earlier or now
+    return evals, seconds
+
+
+def _partial_dir(row_dir: Path, made_from: str) -> Path:
+    partial = row_dir / PARTIAL_DIR
+    mark = partial / "model.txt"
+    if partial.exists() and (not mark.is_file() or mark.read_text() != made_from):
+        shutil.rmtree(partial)
+    if not mark.is_file():
+        write_text(mark, made_from)
+    return partial
+
+
+def _file_stem(name: str) -> str:
+    """A file name for an evaluation set given by name or by path (``wikitext2``, ``/data/x.txt``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name) + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
+
+
+def _digest(*paths: Path) -> str:
+    """Which model a row's partial evaluations belong to: the bytes of what made it."""
+    return " ".join(f"{p.name}:{hashlib.sha1(p.read_bytes()).hexdigest()}" for p in paths)
 
 
 def _row(method: str, label: str, kind: str, target: float, achieved: float | None, evals: dict[str, Any], budget: str,
@@ -161,29 +209,33 @@ def _lora_config(cfg: CompareConfig, mode: str, steps: int | None = None, **extr
 
 
 def _dense_row(inputs: Inputs, cfg: CompareConfig, row_dir: Path) -> dict[str, Any]:
-    tick = time.perf_counter()
-    evals = _evaluate(inputs.fresh_model(), inputs, cfg, "dense")
-    return _row("dense", "Dense", "dense", 0.0, 0.0, evals, "-", {"eval": time.perf_counter() - tick}, row_dir, cfg)
+    evals, eval_s = _evaluate(inputs.fresh_model(), inputs, cfg, "dense", row_dir, f"dense {inputs.model_name}")
+    return _row("dense", "Dense", "dense", 0.0, 0.0, evals, "-", {"eval": eval_s}, row_dir, cfg)
 
 
 def _static_row(name: str, ratio: float, inputs: Inputs, cfg: CompareConfig, row_dir: Path) -> dict[str, Any]:
-    if row_dir.exists():  # a static method that stopped half-way: nothing worth keeping
-        shutil.rmtree(row_dir)
     model = inputs.fresh_model()
     counts = module_parameter_counts(model).view(-1, len(KINDS))
-    tick = time.perf_counter()
-    plan = STATIC[name].prune(model, inputs.calib_ids, ratio)
-    prune_s = time.perf_counter() - tick
-    save_pruned(model, plan, row_dir)
+    timing = row_dir / PRUNE_TIME_NAME
+    if timing.is_file():  # pruned before a stop during its evaluation: the saved plan, not a second pruning
+        plan = load_pruned(model, row_dir)
+        prune_s = json.loads(timing.read_text())["prune_s"]
+    else:
+        if row_dir.exists():  # stopped while pruning: nothing worth keeping
+            shutil.rmtree(row_dir)
+        tick = time.perf_counter()
+        plan = STATIC[name].prune(model, inputs.calib_ids, ratio)
+        prune_s = time.perf_counter() - tick
+        save_pruned(model, plan, row_dir)
+        write_json(timing, {"prune_s": prune_s})
     calib = f"{inputs.calib_ids.shape[0]} × {inputs.calib_ids.shape[1]} held-out calibration tokens"
     split = {f"{kind}_skipped": float(sum(counts[i, k] for i, kd in plan.removed if kd == kind) / counts[:, k].sum())
              for k, kind in enumerate(KINDS)} if plan.removed else {}
     removed = {**split, "removed_modules": [list(m) for m in plan.removed],
                "plan_extra": {k: v for k, v in plan.extra.items() if k != "trials"}}
-    tick = time.perf_counter()
-    evals = _evaluate(model, inputs, cfg, name)
+    evals, eval_s = _evaluate(model, inputs, cfg, name, row_dir, _digest(row_dir / PLAN_NAME, timing))
     return _row(name, method_label(name), "static", ratio, plan.achieved_ratio, evals, calib,
-                {"prune": prune_s, "eval": time.perf_counter() - tick}, row_dir, cfg, extra=removed)
+                {"prune": prune_s, "eval": eval_s}, row_dir, cfg, extra=removed)
 
 
 def _dynamic_row(name: str, ratio: float, inputs: Inputs, cfg: CompareConfig, row_dir: Path) -> dict[str, Any]:
@@ -196,11 +248,10 @@ def _dynamic_row(name: str, ratio: float, inputs: Inputs, cfg: CompareConfig, ro
         trained = tune_routers(model, inputs.train_ids, tune_cfg, row_dir, router_config=dynamic_router_config(name, ratio),
                                calib_ids=inputs.calib_ids, resume=True, meta={"method": name})
     recipe, tokens = trained["tune"], trained["tokens_trained"]
-    tick = time.perf_counter()
-    evals = _evaluate(model, inputs, cfg, name)
+    evals, eval_s = _evaluate(model, inputs, cfg, name, row_dir, _digest(row_dir / RESULTS_NAME))
     budget = f"{recipe['steps']} steps, {tokens:,} training tokens, loss {recipe['loss']}"
     return _row(name, method_label(name), "dynamic", ratio, _routed_ratio(evals), evals, budget,
-                {"train": float(trained.get("wall_s") or 0.0), "eval": time.perf_counter() - tick},
+                {"train": float(trained.get("wall_s") or 0.0), "eval": eval_s},
                 row_dir, cfg, tokens, {"calibration": trained.get("calibration")})
 
 
@@ -215,12 +266,13 @@ def _router_set_row(label: str, spec: str, inputs: Inputs, cfg: CompareConfig, r
     recipe = read_router_config(spec).get("training") or {}
     model = inputs.fresh_model()
     load_routers(model, spec)
-    tick = time.perf_counter()
-    evals = _evaluate(model, inputs, cfg, label)
+    source = router_dir(spec)
+    evals, eval_s = _evaluate(model, inputs, cfg, label, row_dir,
+                              _digest(source / ROUTER_WEIGHTS_NAME, source / ROUTER_CONFIG_NAME))
     tokens = recipe["steps"] * recipe["batch_size"] * recipe.get("grad_accum", 1) * recipe["seq_len"] if recipe else 0
     budget = f"{recipe['steps']} steps, {tokens:,} training tokens, loss {recipe['loss']}" if recipe else "not recorded"
     return _row(ROUTER_SET, label, "dynamic", recipe.get("target", _routed_ratio(evals)), _routed_ratio(evals), evals,
-                f"router set {spec}: {budget}", {"eval": time.perf_counter() - tick}, row_dir, cfg, tokens, {"routers": spec})
+                f"router set {spec}: {budget}", {"eval": eval_s}, row_dir, cfg, tokens, {"routers": spec})
 
 
 def _lora_row(method: str, label: str, kind: str, ratio: float, model: torch.nn.Module, lora: FinetuneConfig,
@@ -233,8 +285,7 @@ def _lora_row(method: str, label: str, kind: str, ratio: float, model: torch.nn.
                                               progress=True)
     train_s = result["this_session_s"] if finished else time.perf_counter() - tick
     peft_model.eval()
-    tick = time.perf_counter()
-    evals = _evaluate(peft_model, inputs, cfg, label)
+    evals, eval_s = _evaluate(peft_model, inputs, cfg, label, row_dir, _digest(row_dir / RESULTS_NAME))
     tokens = result["tokens_trained"]
     routed = lora.mode != "dense"
     prior = before or {}
@@ -243,7 +294,7 @@ def _lora_row(method: str, label: str, kind: str, ratio: float, model: torch.nn.
         f"{lora.steps} steps, {tokens:,} training tokens (mode {lora.mode}, {recipe})"
     stage1 = {f"stage 1 {k}": v for k, v in prior.get("wall_s", {}).items() if k != "eval"}
     row = _row(method, label, kind, ratio, _routed_ratio(evals) if routed else prior.get("achieved_ratio", 0.0), evals, budget,
-               {**stage1, "LoRA": train_s, "eval": time.perf_counter() - tick}, row_dir, cfg, prior.get("train_tokens", 0) + tokens,
+               {**stage1, "LoRA": train_s, "eval": eval_s}, row_dir, cfg, prior.get("train_tokens", 0) + tokens,
                {"calibration": result.get("calibration")} if routed else None)
     if before and not routed:  # a pruned model: the parameters its plan removed, on every set
         row.update(ratios={name: before["achieved_ratio"] for name in row["ratios"]},
@@ -343,6 +394,7 @@ def _run_jobs(jobs: list[Job], inputs: Inputs, cfg: CompareConfig, out: Path, ro
         made = job.make(row_dir)
         row_dir.mkdir(parents=True, exist_ok=True)
         write_json(done, [made])  # a list: rows of earlier versions held two rows
+        shutil.rmtree(row_dir / PARTIAL_DIR, ignore_errors=True)  # the row holds it all now
         rows.append(made)
         write_report(rows, inputs, cfg, out)
         pause_point("compare-row")

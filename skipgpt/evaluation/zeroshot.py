@@ -31,6 +31,7 @@ lm-eval's ``wikitext`` task reports word perplexity over whole documents; skipgp
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -45,6 +46,7 @@ import torch
 
 from ..data import bos_token
 from ..errors import SkipGPTError
+from ..files import write_json
 from ..routing.surgery import gate_mode, has_routers, measure_sparsity, routing_state
 from .report import pct, table
 from .zeroshot_tasks import PAPER_METRICS, TASKS, cache_root, find_task_files, prepare_task_data, task_config
@@ -155,6 +157,7 @@ def evaluate_tasks(
     cache_dir: str | os.PathLike | None = None,
     verbose: bool = False,
     loglikelihoods: bool = False,
+    resume_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Zero-shot accuracy of ``model`` on ``tasks`` ("all", "piqa,hellaswag" or a list).
 
@@ -166,6 +169,10 @@ def evaluate_tasks(
     ``examples`` holds each scored example's index, correctness and number of choices. Routed models run with argmax routing (skipped modules
     are not computed); their previous gate mode is restored afterwards. ``loglikelihoods=True``
     adds each task's per-example log-likelihood of every choice (lm-eval's responses, doc order).
+    ``resume_dir``: each finished task is written there as it finishes and taken from there by a
+    later call with the same examples, so an evaluation stopped part-way (a scoreboard row's quarter
+    of an hour of tasks) resumes at the task it was in. The directory must hold results of this
+    very model only; the caller clears it when the model changes (skipgpt.baselines.compare).
     """
     if limit is not None and sample is not None:
         raise SkipGPTError("give either limit (the first N examples) or sample (a seeded subset of N), not both")
@@ -194,6 +201,15 @@ def evaluate_tasks(
             stack.enter_context(gate_mode(model, "argmax"))
             meter = stack.enter_context(measure_sparsity(model))
         for name in data_files:
+            setting = {"limit": limit, "sample": sample, "seed": sample_seed, "data": [str(p) for p in present[name]],
+                       "bos": bos, "loglikelihoods": loglikelihoods}
+            saved = _finished_task(resume_dir, name, setting)
+            if saved is not None:
+                out[name] = saved["result"]
+                if meter is not None:  # the ratio over all tasks counts the finished ones' tokens too
+                    meter.skipped += torch.tensor(saved["skipped"], dtype=meter.skipped.dtype)
+                    meter.tokens += saved["tokens"]
+                continue
             before = (meter.skipped.clone(), meter.tokens) if meter is not None else None
             n_docs = _count_docs(data_files[name])
             indices = None if sample is None else sample_indices(name, n_docs, sample, sample_seed)
@@ -226,11 +242,26 @@ def evaluate_tasks(
             if out[name]["n"] != len(out[name]["examples"]["doc_ids"]):
                 raise SkipGPTError(f"lm-eval scored {out[name]['n']} {name} examples but logged "
                                    f"{len(out[name]['examples']['doc_ids'])}; this lm-eval version is not supported (install lm-eval==0.4.13)")
+            if resume_dir is not None:
+                write_json(Path(resume_dir) / f"{name}.json", {
+                    "setting": setting, "result": out[name],
+                    "skipped": None if meter is None else (meter.skipped - before[0]).tolist(),
+                    "tokens": 0 if meter is None else meter.tokens - before[1]})
         out["sparsity"] = meter.summary() if meter is not None else None
     values = [out[name]["value"] for name in data_files]
     out["average"] = sum(values) / len(values)
     out["skipped"] = skipped
     return out
+
+
+def _finished_task(resume_dir: str | os.PathLike | None, name: str, setting: dict[str, Any]) -> dict[str, Any] | None:
+    """A task an earlier call finished on the same examples (``resume_dir``); a file written for
+    another sample, limit or data is ignored and overwritten."""
+    path = None if resume_dir is None else Path(resume_dir) / f"{name}.json"
+    if path is None or not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    return saved if saved.get("setting") == setting else None
 
 
 def task_names(results: dict[str, Any]) -> list[str]:
