@@ -51,6 +51,40 @@ def test_cached_generation_gives_the_masked_dense_tokens(arch, path):
     assert torch.equal(tokens[True], tokens[False])
 
 
+@pytest.mark.parametrize("rows_attending", [1, 3])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_decode_step_with_rows_that_skip_attention_equals_masked(arch, rows_attending):
+    """Batch 4, one new token per row: one row attending takes its keys out of the cache first,
+    three attend with all four rows and drop the fourth row's query (execute._attending_rows).
+    Either way the step's logits equal the masked computation's."""
+    import copy
+
+    from transformers import DynamicCache
+
+    from skipgpt.routing.surgery import set_gate_mode
+
+    model = routed(arch, "sdpa")
+    state = routing_state(model)
+    state.engine_path = "gather"  # the gathered path is the one that picks rows
+    ids, mask = left_padded(batch=4, length=12, pad=2)
+    cache = DynamicCache()
+    with torch.no_grad(), gate_mode(model, "dense"):
+        model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    gates = torch.ones(state.num_modules, 4, 1)
+    gates[0::2, rows_attending:] = 0.0  # attention: the first rows execute, the others skip
+    gates[1::2, 0] = 0.0  # MLP: row 0 skips
+    step = torch.randint(3, 128, (4, 1), generator=torch.Generator().manual_seed(5))
+    step_mask = torch.cat([mask, torch.ones(4, 1, dtype=mask.dtype)], 1)
+    out = {}
+    set_gate_mode(model, "fixed", gates=gates)
+    for skip in (True, False):
+        state.skip_compute = skip
+        with torch.no_grad():
+            out[skip] = model(input_ids=step, attention_mask=step_mask, past_key_values=copy.deepcopy(cache), use_cache=True).logits
+    state.skip_compute = True
+    assert torch.allclose(out[True], out[False], atol=1e-5, rtol=1e-4)
+
+
 def test_skipped_tokens_do_not_run_the_module():
     model = routed("llama")
     routing_state(model).engine_path = "gather"

@@ -282,7 +282,7 @@ def _attention_update(norm: nn.Module, attn: nn.Module, post_norm: nn.Module | N
         keys, values = cache.update(keys, values, attn.layer_idx, kwargs=kwargs)
     if decisions.executing.size == 0:
         return None
-    active = _where(decisions.execute.any(1))  # rows with at least one executing token
+    active = _attending_rows(decisions.execute)
     packed, slot_valid = _packed(decisions.execute[active])
     rows, positions, slots, target = _upload(hidden.device, active, packed, _where(slot_valid), decisions.executing)
     take = lambda t: t[rows[:, None], positions]  # noqa: E731  [B, T, ...] -> [R, Tq, ...]
@@ -292,6 +292,19 @@ def _attention_update(norm: nn.Module, attn: nn.Module, post_norm: nn.Module | N
         keys, values = keys[rows], values[rows]
     mask = _query_mask(attn, kwargs.get("attention_mask"), rows, positions, new_tokens, keys.shape[2], queries.dtype, window)
     return _attend(attn, post_norm, hidden, queries, keys, values, mask, None if slot_valid.all() else slots, target, window)
+
+
+def _attending_rows(execute: np.ndarray) -> np.ndarray:
+    """The batch rows whose queries attend: those with an executing token, or every row unless few
+    have one. Attending with a subset of rows first copies their keys and values out of the cache
+    (at decode, the whole cache of the layer) and then reads the copy: three passes over R rows'
+    keys where attending with all B rows and dropping the queries of rows with nothing executing
+    reads B once. For SmolLM2 in float32 at batch 8 after 1,024 tokens, with six rows attending,
+    the copy is 6 rows × 3 KV heads × 1,088 positions × 64 × 2 (keys, values) × 4 bytes = 10 MB per
+    layer and decode step, against 14 MB of weights the layer reads."""
+    has_query = execute.any(1)
+    count = int(has_query.sum())
+    return _where(has_query) if 3 * count < execute.shape[0] else np.arange(execute.shape[0])
 
 
 def _attend(attn: nn.Module, post_norm: nn.Module | None, hidden: torch.Tensor, queries: torch.Tensor,
