@@ -209,6 +209,8 @@ def test_compare_stage_two_rows(tmp_path, capsys):
     assert rtl["label"] == "SkipGPT-RT-L" and rtl["kind"] == "dynamic + LoRA" and 0 < rtl["achieved_ratio"] < 1
     assert rt["train_tokens"] == 2 * 4 * 256 and rtl["train_tokens"] == 2 * rt["train_tokens"] == joint["train_tokens"]
     assert "stage 1 train" in rtl["wall_s"] and (cmp / "skipgpt-rt_0.34_lora" / "adapter_config.json").is_file()
+    # The fine-tuning's own total (every sitting of a resumed one), not the last process's share.
+    assert rtl["wall_s"]["LoRA"] == json.loads((cmp / "skipgpt-rt_0.34_lora" / "results.json").read_text())["wall_s"]
     assert rows["dense, LoRA"]["kind"] == "dense + LoRA" and rows["dense, LoRA"]["ppl"] != rows["dense"]["ppl"]
     assert "LoRA (routed)" in capsys.readouterr().err  # training shows its progress bar
     assert main(args) == 0  # every row reused, stage 2 included

@@ -279,11 +279,10 @@ def _lora_row(method: str, label: str, kind: str, ratio: float, model: torch.nn.
               inputs: Inputs, cfg: CompareConfig, row_dir: Path, before: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train LoRA on ``model`` (dense, pruned or routed) and score it; ``before`` is the row it
     starts from, whose training budget and time count in this one."""
-    tick = time.perf_counter()
     finished = _finished_finetune(model, lora, row_dir)
     peft_model, result = finished or finetune(model, inputs.train_ids, lora, row_dir, resume=True, calib_ids=inputs.calib_ids,
                                               progress=True)
-    train_s = result["this_session_s"] if finished else time.perf_counter() - tick
+    train_s = result["wall_s"]  # every sitting's share of a fine-tuning resumed from its checkpoints
     peft_model.eval()
     evals, eval_s = _evaluate(peft_model, inputs, cfg, label, row_dir, _digest(row_dir / RESULTS_NAME))
     tokens = result["tokens_trained"]
