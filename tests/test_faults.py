@@ -205,7 +205,7 @@ def test_a_row_stopped_during_its_evaluation_resumes_at_the_set_it_was_in(worksp
 
 
 def test_partial_evaluations_of_another_model_are_dropped(tmp_path):
-    from skipgpt.baselines.compare import _partial_dir
+    from skipgpt.baselines.partial import partial_dir as _partial_dir
 
     partial = _partial_dir(tmp_path, "results.json:aaa")
     (partial / "ppl_test.json").write_text("{}")

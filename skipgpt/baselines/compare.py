@@ -52,12 +52,12 @@ from ..routing.surgery import attach_routers, detach_routers, has_routers
 from ..training.finetune import FinetuneConfig, finetune
 from ..training.tune import RESULTS_NAME, tune_routers
 from .dynamic import dynamic_router_config
+from .partial import PARTIAL_DIR, digest, kept_or_scored, partial_dir
 from .registry import DYNAMIC, STATIC, method_label, method_names
 from .save_load import PLAN_NAME, load_pruned, save_pruned
 from .structure import module_parameter_counts
 
 ROW_NAME = "row.json"
-PARTIAL_DIR = "partial"  # a row's finished evaluation sets and tasks, until its row.json is written
 PRUNE_TIME_NAME = "prune_time.json"  # written after a static row's plan: the pruning is done and kept
 SCOREBOARD_STEM = "scoreboard"
 RT = "skipgpt-rt"  # the method stage 2 builds SkipGPT-RT-L and SkipGPT-Joint from
@@ -133,21 +133,14 @@ def _evaluate(model: torch.nn.Module, inputs: Inputs, cfg: CompareConfig, label:
               made_from: str) -> tuple[dict[str, Any], float]:
     """Every evaluation set and task, and the seconds they took (those of a part finished before a
     stop included). ``made_from`` identifies the model (the file its training or pruning wrote
-    last): parts saved for another model are dropped, never scored as this one's."""
-    partial = _partial_dir(row_dir, made_from)
+    last): parts kept for another model are dropped, never scored as this one's."""
+    partial = partial_dir(row_dir, made_from)
     evals: dict[str, Any] = {}
     seconds = 0.0
     for name, text in inputs.eval_texts.items():
-        path = partial / f"ppl_{_file_stem(name)}.json"
         setting = {"text_sha1": hashlib.sha1(text.encode()).hexdigest(), "seq_len": cfg.seq_len, "max_windows": cfg.max_windows}
-        saved = json.loads(path.read_text()) if path.is_file() else None
-        if saved is None or saved["setting"] != setting:
-            tick = time.perf_counter()
-            result = perplexity(model, inputs.tokenizer, text, seq_len=cfg.seq_len, max_windows=cfg.max_windows,
-                                desc=f"{label} {name}")
-            saved = {"setting": setting, "result": result, "wall_s": time.perf_counter() - tick}
-            write_json(path, saved)
-            pause_point("compare-eval")
+        saved = kept_or_scored(partial, name, setting, lambda text=text, name=name: perplexity(
+            model, inputs.tokenizer, text, seq_len=cfg.seq_len, max_windows=cfg.max_windows, desc=f"{label} {name}"))
         evals[name] = saved["result"]
         seconds += saved["wall_s"]
     if cfg.tasks:
@@ -156,26 +149,6 @@ def _evaluate(model: torch.nn.Module, inputs: Inputs, cfg: CompareConfig, label:
         evals["zeroshot"] = zeroshot
         seconds += sum(zeroshot[t]["wall_s"] for t in task_names(zeroshot))  # each task's own time, finished earlier or now
     return evals, seconds
-
-
-def _partial_dir(row_dir: Path, made_from: str) -> Path:
-    partial = row_dir / PARTIAL_DIR
-    mark = partial / "model.txt"
-    if partial.exists() and (not mark.is_file() or mark.read_text() != made_from):
-        shutil.rmtree(partial)
-    if not mark.is_file():
-        write_text(mark, made_from)
-    return partial
-
-
-def _file_stem(name: str) -> str:
-    """A file name for an evaluation set given by name or by path (``wikitext2``, ``/data/x.txt``)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name) + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
-
-
-def _digest(*paths: Path) -> str:
-    """Which model a row's partial evaluations belong to: the bytes of what made it."""
-    return " ".join(f"{p.name}:{hashlib.sha1(p.read_bytes()).hexdigest()}" for p in paths)
 
 
 def _row(method: str, label: str, kind: str, target: float, achieved: float | None, evals: dict[str, Any], budget: str,
@@ -233,7 +206,7 @@ def _static_row(name: str, ratio: float, inputs: Inputs, cfg: CompareConfig, row
              for k, kind in enumerate(KINDS)} if plan.removed else {}
     removed = {**split, "removed_modules": [list(m) for m in plan.removed],
                "plan_extra": {k: v for k, v in plan.extra.items() if k != "trials"}}
-    evals, eval_s = _evaluate(model, inputs, cfg, name, row_dir, _digest(row_dir / PLAN_NAME, timing))
+    evals, eval_s = _evaluate(model, inputs, cfg, name, row_dir, digest(row_dir / PLAN_NAME, timing))
     return _row(name, method_label(name), "static", ratio, plan.achieved_ratio, evals, calib,
                 {"prune": prune_s, "eval": eval_s}, row_dir, cfg, extra=removed)
 
@@ -248,7 +221,7 @@ def _dynamic_row(name: str, ratio: float, inputs: Inputs, cfg: CompareConfig, ro
         trained = tune_routers(model, inputs.train_ids, tune_cfg, row_dir, router_config=dynamic_router_config(name, ratio),
                                calib_ids=inputs.calib_ids, resume=True, meta={"method": name})
     recipe, tokens = trained["tune"], trained["tokens_trained"]
-    evals, eval_s = _evaluate(model, inputs, cfg, name, row_dir, _digest(row_dir / RESULTS_NAME))
+    evals, eval_s = _evaluate(model, inputs, cfg, name, row_dir, digest(row_dir / RESULTS_NAME))
     budget = f"{recipe['steps']} steps, {tokens:,} training tokens, loss {recipe['loss']}"
     return _row(name, method_label(name), "dynamic", ratio, _routed_ratio(evals), evals, budget,
                 {"train": float(trained.get("wall_s") or 0.0), "eval": eval_s},
@@ -268,7 +241,7 @@ def _router_set_row(label: str, spec: str, inputs: Inputs, cfg: CompareConfig, r
     load_routers(model, spec)
     source = router_dir(spec)
     evals, eval_s = _evaluate(model, inputs, cfg, label, row_dir,
-                              _digest(source / ROUTER_WEIGHTS_NAME, source / ROUTER_CONFIG_NAME))
+                              digest(source / ROUTER_WEIGHTS_NAME, source / ROUTER_CONFIG_NAME))
     tokens = recipe["steps"] * recipe["batch_size"] * recipe.get("grad_accum", 1) * recipe["seq_len"] if recipe else 0
     budget = f"{recipe['steps']} steps, {tokens:,} training tokens, loss {recipe['loss']}" if recipe else "not recorded"
     return _row(ROUTER_SET, label, "dynamic", recipe.get("target", _routed_ratio(evals)), _routed_ratio(evals), evals,
@@ -284,7 +257,7 @@ def _lora_row(method: str, label: str, kind: str, ratio: float, model: torch.nn.
                                               progress=True)
     train_s = result["wall_s"]  # every sitting's share of a fine-tuning resumed from its checkpoints
     peft_model.eval()
-    evals, eval_s = _evaluate(peft_model, inputs, cfg, label, row_dir, _digest(row_dir / RESULTS_NAME))
+    evals, eval_s = _evaluate(peft_model, inputs, cfg, label, row_dir, digest(row_dir / RESULTS_NAME))
     tokens = result["tokens_trained"]
     routed = lora.mode != "dense"
     prior = before or {}
