@@ -190,6 +190,17 @@ def test_build_and_write_scoreboard(tmp_path):
     assert png.startswith(PNG_SIGNATURE) and len(png) > 1000
 
 
+def test_a_line_through_router_sets_is_named_by_each_of_them():
+    from skipgpt.evaluation.scoreboard import _series
+
+    sets = [{"method": "router-set", "kind": "dynamic", "label": f"RT (shipped {p} %)"} for p in (25, 40)]
+    lora = [{"method": "router-set, LoRA", "kind": "dynamic + LoRA", "label": "RT (shipped 40 %) + LoRA"}]
+    static = [{"method": "shortgpt", "kind": "static", "label": "ShortGPT"}] * 2
+    dense, lines = _series({"rows": [*sets, *lora, *static], "dense_row": None})
+    assert dense is None
+    assert lines == {"RT (shipped 25 %) / RT (shipped 40 %)": sets, "RT (shipped 40 %) + LoRA": lora, "ShortGPT": static}
+
+
 def pct_text(value: float) -> str:
     return f"{100 * value:.1f} %"
 

@@ -275,7 +275,9 @@ def _series(board: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, lis
             groups.setdefault((row.get("method"), "LoRA" in (row.get("kind") or "")), []).append(row)
     named = {}
     for (method, lora), rows in groups.items():
-        name = str(rows[0].get("label", method))
+        # One method's rows share a label, except router sets, which each have their own: a
+        # line through two of them is named by both, not by the first one's ratio.
+        name = " / ".join(dict.fromkeys(str(r.get("label", method)) for r in rows))
         named[f"{name} + LoRA" if lora and "LoRA" not in name else name] = rows
     return dense, named
 
