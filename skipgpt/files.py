@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -35,6 +36,20 @@ def write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def read_kept(path: Path, setting: dict[str, Any]) -> dict[str, Any] | None:
+    """A result kept by an earlier run (``write_json`` of a dict holding ``"setting"``), or None
+    where there is none or it was made under another setting (then it is redone and overwritten)."""
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    return saved if saved.get("setting") == setting else None
+
+
+def safe_name(text: str) -> str:
+    """``text`` (a name, a path's last part) as a file name: runs of other characters become ``_``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
 
 
 def cache_dir() -> Path:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from ..evaluation.perplexity import perplexity
 from ..evaluation.report import pct, table
 from ..evaluation.scoreboard import build_scoreboard, write_scoreboard
 from ..evaluation.zeroshot import evaluate_tasks, task_names
-from ..files import write_json, write_text
+from ..files import safe_name, write_json, write_text
 from ..identity import code_revision
 from ..lora import load_adapter
 from ..pause import pause_point
@@ -294,7 +293,7 @@ def _finished_finetune(model: torch.nn.Module, lora: FinetuneConfig, row_dir: Pa
 def _stage1_jobs(inputs: Inputs, cfg: CompareConfig) -> list[Job]:
     jobs = [Job("dense", "dense", 0.0, lambda d: _dense_row(inputs, cfg, d))] if cfg.include_dense else []
     for label, spec in cfg.router_sets:
-        key = "set_" + re.sub(r"[^A-Za-z0-9._-]+", "_", Path(spec).name or spec)
+        key = "set_" + safe_name(Path(spec).name or spec)
         jobs.append(Job(key, ROUTER_SET, 0.0, lambda d, label=label, spec=spec: _router_set_row(label, spec, inputs, cfg, d)))
     for ratio in cfg.ratios:
         for m in cfg.resolved_methods():

@@ -7,14 +7,12 @@ model; a row whose model was made again (retrained, re-pruned, a changed router 
 from __future__ import annotations
 
 import hashlib
-import json
-import re
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from ..files import write_json, write_text
+from ..files import read_kept, safe_name, write_json, write_text
 from ..pause import pause_point
 
 PARTIAL_DIR = "partial"
@@ -39,10 +37,9 @@ def digest(*paths: Path) -> str:
 def kept_or_scored(partial: Path, name: str, setting: dict[str, Any], score: Callable[[], Any]) -> dict[str, Any]:
     """``{"result", "wall_s"}`` of evaluation set ``name`` (given by name or path): the kept one
     where it was scored with the same ``setting``, otherwise scored now and kept."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name) + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
-    path = partial / f"ppl_{stem}.json"
-    saved = json.loads(path.read_text()) if path.is_file() else None
-    if saved is None or saved["setting"] != setting:
+    path = partial / f"ppl_{safe_name(Path(name).name)}-{hashlib.sha1(name.encode()).hexdigest()[:8]}.json"
+    saved = read_kept(path, setting)
+    if saved is None:
         tick = time.perf_counter()
         result = score()
         saved = {"setting": setting, "result": result, "wall_s": time.perf_counter() - tick}

@@ -31,7 +31,6 @@ lm-eval's ``wikitext`` task reports word perplexity over whole documents; skipgp
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -46,7 +45,7 @@ import torch
 
 from ..data import bos_token
 from ..errors import SkipGPTError
-from ..files import write_json
+from ..files import read_kept, write_json
 from ..routing.surgery import gate_mode, has_routers, measure_sparsity, routing_state
 from .report import pct, table
 from .zeroshot_tasks import PAPER_METRICS, TASKS, cache_root, find_task_files, prepare_task_data, task_config
@@ -257,11 +256,7 @@ def evaluate_tasks(
 def _finished_task(resume_dir: str | os.PathLike | None, name: str, setting: dict[str, Any]) -> dict[str, Any] | None:
     """A task an earlier call finished on the same examples (``resume_dir``); a file written for
     another sample, limit or data is ignored and overwritten."""
-    path = None if resume_dir is None else Path(resume_dir) / f"{name}.json"
-    if path is None or not path.is_file():
-        return None
-    saved = json.loads(path.read_text())
-    return saved if saved.get("setting") == setting else None
+    return None if resume_dir is None else read_kept(Path(resume_dir) / f"{name}.json", setting)
 
 
 def task_names(results: dict[str, Any]) -> list[str]:
